@@ -1,0 +1,320 @@
+"""Configuration: frozen dataclasses for every knob, YAML presets and tyro overrides.
+
+One configuration object per run: a YAML preset (``--config configs/sft/tiny-arith.yaml``) gives the defaults and
+tyro flags override single fields (``--model.num-layers 4``). Every dataclass validates itself in
+``__post_init__`` and raises :class:`ConfigError` naming the flag to change, so an impossible run fails at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the flag to change."""
+
+
+def _require(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+AttentionKind = Literal["standard", "differential"]
+AttentionImpl = Literal["xla", "blockwise", "cudnn"]
+MlpKind = Literal["swiglu", "polynorm"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer.
+
+    Attention ``standard`` is grouped-query attention (Llama/Qwen). ``differential`` is Motif's grouped
+    differential attention: ``num_heads`` query heads form groups of ``diff_ratio`` signal heads + 1 noise head, and
+    the ``num_kv_heads`` key/value heads alternate signal (even) / noise (odd) pathways, so there are
+    ``num_kv_heads // 2`` key/value groups. ``diff_ratio = 1`` is plain differential attention.
+    """
+
+    vocab_size: int = 272
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 512
+    attention: AttentionKind = "standard"
+    diff_ratio: int = 4
+    mlp: MlpKind = "swiglu"
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 4096
+    # dtype of matmul inputs and activations; parameters are kept in param_dtype (fp32 master weights).
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
+    attention_impl: AttentionImpl = "xla"
+    # query / key block sizes of the blockwise attention (memory O(block_q * block_kv) per head).
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    # stack layers with lax.scan (compile time independent of depth); off only for debugging.
+    scan_layers: bool = True
+    # names of tensors to keep for the backward pass; see motif_jax.model.remat.REMAT_POLICIES.
+    remat_policy: str = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+            _require(getattr(self, name) > 0, f"model.{name.replace('_', '-')}", "must be positive")
+        if self.attention == "standard":
+            _require(
+                self.num_heads % self.num_kv_heads == 0,
+                "model.num-kv-heads",
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
+            )
+        else:
+            _require(self.diff_ratio >= 1, "model.diff-ratio", "must be >= 1")
+            _require(
+                self.num_heads % (self.diff_ratio + 1) == 0,
+                "model.num-heads",
+                f"differential attention needs num_heads divisible by diff_ratio + 1 = {self.diff_ratio + 1} "
+                f"(groups of {self.diff_ratio} signal heads and 1 noise head); got {self.num_heads}",
+            )
+            _require(
+                self.num_kv_heads % 2 == 0,
+                "model.num-kv-heads",
+                "differential attention needs an even number of key/value heads (signal/noise pairs)",
+            )
+            _require(
+                self.num_query_groups % self.num_kv_groups == 0,
+                "model.num-kv-heads",
+                f"{self.num_query_groups} query groups must be a multiple of {self.num_kv_groups} key/value pairs",
+            )
+        _require(self.head_dim % 2 == 0, "model.head-dim", "RoPE needs an even head_dim")
+        _require(self.rope_theta > 0, "model.rope-theta", "must be positive")
+        _require(self.attention_block_q > 0 and self.attention_block_kv > 0, "model.attention-block-q", "must be > 0")
+        from motif_jax.model.remat import REMAT_POLICIES  # local: the model package imports this module
+
+        _require(
+            self.remat_policy in REMAT_POLICIES,
+            "model.remat-policy",
+            f"unknown policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}",
+        )
+
+    # Differential-attention geometry -------------------------------------------------------------------------------
+    @property
+    def num_query_groups(self) -> int:
+        """Groups of (diff_ratio signal + 1 noise) query heads."""
+        return self.num_heads // (self.diff_ratio + 1)
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Key/value pairs (K1/V1 signal, K2/V2 noise) for differential attention."""
+        return self.num_kv_heads // 2
+
+    @property
+    def num_signal_heads(self) -> int:
+        return self.num_query_groups * self.diff_ratio
+
+    @property
+    def attention_out_dim(self) -> int:
+        """Width of the o_proj input."""
+        if self.attention == "differential":
+            return self.num_signal_heads * 2 * self.head_dim
+        return self.num_heads * self.head_dim
+
+    def param_count(self) -> int:
+        """Exact parameter count from the formulas (tests compare it with the abstract model)."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * self.num_heads * hd + 2 * d * self.num_kv_heads * hd + self.attention_out_dim * d
+        if self.qk_norm:
+            attn += 2 * hd
+        if self.attention == "differential":
+            attn += 4 * hd + 2 * hd  # lambda vectors + SubLN weight
+        mlp = 3 * d * self.mlp_dim + (4 if self.mlp == "polynorm" else 0)
+        block = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * block + embed + d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parallelism
+# ---------------------------------------------------------------------------------------------------------------------
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+# Logical axis name -> mesh axes. One table for the whole model; changing a strategy is an edit here (or a flag).
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", ("context",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: each axis has an intra-node (ICI) and a cross-node (DCN) size; one ICI size may be -1 (fill)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    context: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_context: int = 1
+    # "all_gather" (K/V gathered, load-balanced causal layout) or "ring" (ppermute + online softmax).
+    context_strategy: Literal["all_gather", "ring"] = "all_gather"
+    logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_RULES
+
+    def __post_init__(self) -> None:
+        ici = [self.data, self.fsdp, self.tensor, self.context]
+        _require(sum(1 for s in ici if s == -1) <= 1, "mesh", "at most one of data/fsdp/tensor/context may be -1")
+        for name in MESH_AXES:
+            v = getattr(self, name)
+            _require(v == -1 or v >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill with the remaining devices)")
+            _require(getattr(self, f"dcn_{name}") >= 1, f"mesh.dcn-{name}", "must be >= 1")
+
+    def ici_shape(self, devices_per_slice: int) -> dict[str, int]:
+        """ICI axis sizes with -1 filled so that their product is ``devices_per_slice``."""
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if -1 in sizes.values():
+            _require(
+                devices_per_slice % known == 0,
+                "mesh",
+                f"{devices_per_slice} devices per node cannot be split with fixed axes of product {known}",
+            )
+            sizes = {a: (devices_per_slice // known if s == -1 else s) for a, s in sizes.items()}
+        _require(
+            math.prod(sizes.values()) == devices_per_slice,
+            "mesh",
+            f"axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {devices_per_slice} "
+            "devices per node; set one axis to -1 or fix the sizes",
+        )
+        return sizes
+
+    def dcn_shape(self) -> dict[str, int]:
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host start-up. Empty coordinator = single process, unless SLURM variables say otherwise."""
+
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    # comma-separated local device ids for this process ("" = all visible / derived from CUDA_VISIBLE_DEVICES).
+    local_device_ids: str = ""
+    # read SLURM_* variables when no coordinator is given.
+    use_slurm: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.num_processes >= 1, "distributed.num-processes", "must be >= 1")
+        _require(
+            0 <= self.process_id < self.num_processes,
+            "distributed.process-id",
+            f"must be in [0, {self.num_processes})",
+        )
+        _require(
+            self.num_processes == 1 or bool(self.coordinator_address),
+            "distributed.coordinator-address",
+            "is required when --distributed.num-processes > 1 (e.g. 10.0.0.1:1234)",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML + tyro
+# ---------------------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _tupleize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Builds (nested) frozen dataclass ``cls`` from a plain dict; unknown keys are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{where}{key}: unknown field of {cls.__name__}; known: {sorted(fields)}")
+        hint = hints[name]
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, f"{where}{key}.")
+        elif origin in (tuple, Sequence) and typing.get_args(hint) and dataclasses.is_dataclass(
+            typing.get_args(hint)[0]
+        ):
+            item_cls = typing.get_args(hint)[0]
+            kwargs[name] = tuple(from_dict(item_cls, v, f"{where}{key}[{i}].") for i, v in enumerate(value))
+        else:
+            kwargs[name] = _tupleize(value)
+    return cls(**kwargs)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """``--config PRESET.yaml`` gives the defaults, every other flag is a tyro override of one field.
+
+    A ConfigError raised while building the config (bad value, impossible combination) is printed as one line and
+    exits with status 2, never as a traceback.
+    """
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("error: --config needs a path to a YAML preset")
+        try:
+            default = load_yaml(cls, argv[i + 1])
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        argv = argv[:i] + argv[i + 2 :]
+    try:
+        return tyro.cli(cls, args=argv, default=default, description=description)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

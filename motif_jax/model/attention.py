@@ -1,0 +1,237 @@
+"""Scaled dot-product attention kernels behind one switch: ``xla``, ``blockwise`` and ``cudnn``.
+
+All take the same arguments and compute the same function: grouped-query attention where a query may attend to a
+key iff both lie in the same segment and the key's position is not later than the query's. Masking by
+(segment id, position) rather than by index covers causal attention, packed rows, left-padded generation prompts,
+a KV cache and permuted (load-balanced) context-parallel layouts with one rule. Segment id 0 marks padding: it only
+ever matches other padding, so no real token sees it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite: a fully masked block must not turn the online softmax into NaN
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention implementation cannot run on this platform."""
+
+
+def _mask(q_seg, kv_seg, q_pos, kv_pos):
+    """[B, T], [B, S] -> [B, 1, 1, T, S] boolean (broadcast over kv heads and groups)."""
+    allowed = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_pos[:, :, None] >= kv_pos[:, None, :])
+    return allowed[:, None, None]
+
+
+def _group(q, num_kv_heads):
+    b, t, h, d = q.shape
+    return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
+
+
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None):
+    """Reference attention, materialising [B, Hq, T, S] logits.
+
+    q: [B, T, Hq, D]; k: [B, S, Hk, D]; v: [B, S, Hk, Dv] (Dv may differ from D); segment ids / positions:
+    [B, T] and [B, S] int32. Returns [B, T, Hq, Dv] in q's dtype. Softmax statistics in fp32.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qg = _group(q, k.shape[2])
+    s = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions), s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgts,bshd->bthgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    b, t, hk, g, dv = o.shape
+    return o.reshape(b, t, hk * g, dv).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blockwise (flash-style) attention in pure JAX: memory O(block_q * block_kv) per head, exact gradients through a
+# custom VJP that recomputes each block's probabilities from the saved log-sum-exp (no [T, S] residuals).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _pad_to(x, length, axis, value):
+    pad = length - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x, block, axis=1):
+    """Splits axis 1 into [num_blocks, ..., block, ...] with the block index leading (for scan/map)."""
+    n = x.shape[axis] // block
+    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unblocks(x, axis=1):
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
+
+
+def _block_logits(qb, kb, qs, ks, qp, kp, scale):
+    """qb [B, bq, Hk, G, D], kb [B, bk, Hk, D] -> masked fp32 logits [B, Hk, G, bq, bk] and the mask."""
+    s = jnp.einsum("bthgd,bshd->bhgts", qb, kb, preferred_element_type=jnp.float32) * scale
+    m = _mask(qs, ks, qp, kp)
+    return jnp.where(m, s, _MASKED), m
+
+
+def _flash_forward(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv):
+    """Padded, grouped inputs -> (out [B, T, Hk, G, Dv] f32, lse [B, Hk, G, T] f32)."""
+    kb_all, vb_all = _blocks(k, block_kv), _blocks(v, block_kv)
+    ksb, kpb = _blocks(ks, block_kv), _blocks(kp, block_kv)
+
+    def one_q_block(args):
+        qb, qsb, qpb = args
+        b, bq, hk, g, _ = qb.shape
+        dv = v.shape[-1]
+
+        def step(carry, kv):
+            m, l, acc = carry
+            kb, vb, ksb_, kpb_ = kv
+            s, mask = _block_logits(qb, kb, qsb, ksb_, qpb, kpb_, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            l = l * alpha + p.sum(-1)
+            pv = jnp.einsum("bhgts,bshd->bhgtd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            acc = acc * alpha[..., None] + pv
+            return (m_new, l, acc), None
+
+        init = (
+            jnp.full((b, hk, g, bq), _MASKED, jnp.float32),
+            jnp.zeros((b, hk, g, bq), jnp.float32),
+            jnp.zeros((b, hk, g, bq, dv), jnp.float32),
+        )
+        (m, l, acc), _ = jax.lax.scan(step, init, (kb_all, vb_all, ksb, kpb))
+        l = jnp.maximum(l, 1e-30)  # only padding rows can see nothing
+        out = acc / l[..., None]
+        return jnp.moveaxis(out, 3, 1), m + jnp.log(l)  # [B, bq, Hk, G, Dv], [B, Hk, G, bq]
+
+    outs, lses = jax.lax.map(one_q_block, (_blocks(q, block_q), _blocks(qs, block_q), _blocks(qp, block_q)))
+    return _unblocks(outs), _unblocks(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv):
+    out, _ = _flash_forward(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv)
+    return out
+
+
+def _flash_fwd(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv):
+    out, lse = _flash_forward(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+
+def _flash_bwd(scale, block_q, block_kv, res, d_out):
+    q, k, v, qs, ks, qp, kp, out, lse = res
+    delta = jnp.einsum("bthgd,bthgd->bhgt", d_out, out)  # rowsum(dO * O) [B, Hk, G, T]
+    qb_all, dob_all = _blocks(q, block_q), _blocks(d_out, block_q)
+    qsb, qpb = _blocks(qs, block_q), _blocks(qp, block_q)
+    lseb, deltab = _blocks(lse, block_q, axis=3), _blocks(delta, block_q, axis=3)
+
+    def one_kv_block(dq, kv):
+        kb, vb, ksb_, kpb_ = kv
+
+        def step(carry, qblk):
+            dk, dv = carry
+            qb, dob, qsb_, qpb_, lse_b, delta_b = qblk
+            s, mask = _block_logits(qb, kb, qsb_, ksb_, qpb_, kpb_, scale)
+            p = jnp.where(mask, jnp.exp(s - lse_b[..., None]), 0.0)  # [B, Hk, G, bq, bk]
+            dv = dv + jnp.einsum("bhgts,bthgd->bshd", p, dob)
+            dp = jnp.einsum("bthgd,bshd->bhgts", dob, vb.astype(jnp.float32))
+            ds = p * (dp - delta_b[..., None]) * scale
+            dk = dk + jnp.einsum("bhgts,bthgd->bshd", ds, qb.astype(jnp.float32))
+            dq_blk = jnp.einsum("bhgts,bshd->bthgd", ds, kb.astype(jnp.float32))
+            return (dk, dv), dq_blk
+
+        init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        (dk, dv), dq_blocks = jax.lax.scan(step, init, (qb_all, dob_all, qsb, qpb, lseb, deltab))
+        return dq + _unblocks(dq_blocks), (dk, dv)
+
+    kv = (_blocks(k, block_kv), _blocks(v, block_kv), _blocks(ks, block_kv), _blocks(kp, block_kv))
+    dq, (dk, dv) = jax.lax.scan(one_kv_block, jnp.zeros(q.shape, jnp.float32), kv)
+    return (
+        dq.astype(q.dtype),
+        _unblocks(dk).astype(k.dtype),
+        _unblocks(dv).astype(v.dtype),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(
+    q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None, block_q=512, block_kv=512
+):
+    """Flash-style attention in pure JAX (any platform, differentiable); same contract as :func:`xla_attention`.
+
+    Memory is O(block_q * block_kv) per head for the logits instead of O(T * S). Every block is visited (no
+    causal block skipping: masks come from positions, which may be permuted), so compute equals the dense version.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b, t, hq, _ = q.shape
+    s = k.shape[1]
+    bq, bk = min(block_q, t), min(block_kv, s)
+    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+    # Padded queries get segment -2 and padded keys -1: they match nothing real and are sliced off / never seen.
+    qg = _pad_to(_group(q, k.shape[2]), tp, 1, 0)
+    out = _flash(
+        qg,
+        _pad_to(k, sp, 1, 0),
+        _pad_to(v, sp, 1, 0),
+        _pad_to(q_segment_ids, tp, 1, -2),
+        _pad_to(kv_segment_ids, sp, 1, -1),
+        _pad_to(q_positions, tp, 1, 0),
+        _pad_to(kv_positions, sp, 1, 0),
+        scale,
+        bq,
+        bk,
+    )
+    return out[:, :t].reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None):
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only).
+
+    The (segment, position) rule is passed as a boolean mask, which costs O(T * S) memory: fine for ordinary
+    lengths; at 64K use context parallelism (each shard's block) or ``blockwise``. A value width different from the
+    key width (differential attention's [V1|V2]) is computed as two calls, which is exact.
+    """
+    if jax.default_backend() != "gpu":
+        raise AttentionBackendError(
+            f"attention_impl='cudnn' needs a CUDA GPU, but the default backend is {jax.default_backend()!r}; "
+            "use --model.attention-impl blockwise (any platform) or xla (small shapes)."
+        )
+    if v.shape[-1] != k.shape[-1]:
+        half = v.shape[-1] // 2
+        args = (q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+        a = cudnn_attention(q, k, v[..., :half], *args, scale=scale)
+        c = cudnn_attention(q, k, v[..., half:], *args, scale=scale)
+        return jnp.concatenate([a, c], axis=-1)
+    mask = _mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)[:, 0]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+
+
+def attend(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, impl="xla", scale=None,
+           block_q=512, block_kv=512):
+    """Dispatches to the implementation named by ``impl`` (``--model.attention-impl``)."""
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if impl == "xla":
+        return xla_attention(*args, scale=scale)
+    if impl == "blockwise":
+        return blockwise_attention(*args, scale=scale, block_q=block_q, block_kv=block_kv)
+    if impl == "cudnn":
+        return cudnn_attention(*args, scale=scale)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose xla, blockwise or cudnn")

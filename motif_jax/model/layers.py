@@ -1,0 +1,216 @@
+"""Decoder building blocks in Flax NNX: RMSNorm, RoPE, projections, attention (GQA and grouped differential), MLPs.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata (mapped to mesh axes by the rules table
+in config, never here) and key activations are tagged with ``checkpoint_name`` for remat policies by name.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from motif_jax.config import ModelConfig
+from motif_jax.model import remat
+from motif_jax.model.attention import attend
+from motif_jax.parallel.rules import constrain
+
+ACT = ("batch", "length", "embed")  # logical names of the residual stream
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, names: Sequence[str | None]) -> nnx.Param:
+    """A parameter annotated with logical axis names (metadata only; placement happens at jit time)."""
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ W with W: [in, out] (no bias). Matmul in the compute dtype, fp32 accumulation when it is low."""
+
+    def __init__(self, din: int, dout: int, names: tuple[str, str], cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kernel = param(rngs, nnx.initializers.normal(cfg.init_std), (din, dout), cfg.param_dtype, names)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w over the last axis, statistics in fp32."""
+
+    def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, eps: float | None = None):
+        self.weight = param(rngs, nnx.initializers.ones, (dim,), cfg.param_dtype, ("norm",))
+        self.eps = cfg.norm_eps if eps is None else eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half (NeoX) rotary embedding over the full head dim. x: [B, T, H, D]; positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def lambda_init(layer_index: jax.Array) -> jax.Array:
+    """Differential attention's per-layer constant: 0.8 - 0.6 exp(-0.3 (l - 1)) with a 0-based l (recipe.md)."""
+    return 0.8 - 0.6 * jnp.exp(-0.3 * (layer_index.astype(jnp.float32) - 1.0))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention, or Motif's grouped differential attention (``cfg.attention == "differential"``).
+
+    Projections keep the checkpoint layout: q [embed, num_heads * head_dim], k and v
+    [embed, num_kv_heads * head_dim], o [attention_out_dim, embed]. For differential attention the query heads are
+    ``num_query_groups`` groups of (``diff_ratio`` signal, 1 noise) and key/value heads alternate signal / noise.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), cfg, rngs=rngs)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs=rngs)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, rngs=rngs)
+        self.o_proj = Linear(cfg.attention_out_dim, d, ("heads", "embed"), cfg, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg, rngs=rngs)
+        if cfg.attention == "differential":
+            lam = nnx.initializers.normal(0.1)
+            self.lambda_q1 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
+            self.lambda_k1 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
+            self.lambda_q2 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
+            self.lambda_k2 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
+            self.subln = RMSNorm(2 * hd, cfg, rngs=rngs)
+
+    def __call__(self, x, segment_ids, positions, layer_index, kv_cache=None, cache_index=None):
+        """x: [B, T, embed]; segment_ids, positions: [B, T] int32; layer_index: scalar int32.
+
+        kv_cache: None, or a dict with k, v [B, S, Hk, D] and segment_ids, positions [B, S] (the whole cache
+        buffer, already holding this step's segment ids and positions); this step's keys and values are written at
+        ``cache_index`` and attention runs over the whole buffer. Returns (out [B, T, embed], updated (k, v) or None).
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        hd = cfg.head_dim
+        q = checkpoint_name(self.q_proj(x), remat.QUERY_PROJ).reshape(b, t, cfg.num_heads, hd)
+        k = checkpoint_name(self.k_proj(x), remat.KEY_PROJ).reshape(b, t, cfg.num_kv_heads, hd)
+        v = checkpoint_name(self.v_proj(x), remat.VALUE_PROJ).reshape(b, t, cfg.num_kv_heads, hd)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+
+        new_kv = None
+        kv_seg, kv_pos = segment_ids, positions
+        if kv_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, 1)
+            new_kv = (k, v)
+            kv_seg, kv_pos = kv_cache["segment_ids"], kv_cache["positions"]
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+
+        def sdpa(q_, k_, v_):
+            return attend(
+                q_, k_, v_, segment_ids, kv_seg, positions, kv_pos,
+                impl=cfg.attention_impl, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+            )
+
+        if cfg.attention == "standard":
+            out = sdpa(q, k, v).reshape(b, t, cfg.num_heads * hd)
+        else:
+            out = self._differential(q, k, v, sdpa, layer_index)
+        out = checkpoint_name(out, remat.ATTENTION_OUT)
+        out = checkpoint_name(self.o_proj(out), remat.OUT_PROJ)
+        return out, new_kv
+
+    def _differential(self, q, k, v, sdpa, layer_index):
+        """Grouped differential attention (recipe.md): out_h = SubLN(S_h - lambda N_g) (1 - lambda_init)."""
+        cfg = self.cfg
+        b, t, _, hd = q.shape
+        ng, r, nkv = cfg.num_query_groups, cfg.diff_ratio, cfg.num_kv_groups
+        q = q.reshape(b, t, ng, r + 1, hd)
+        q_signal = q[:, :, :, :r].reshape(b, t, ng * r, hd)  # group-major: head g * r + i
+        q_noise = q[:, :, :, r]  # [B, T, ng, hd]
+        k = k.reshape(k.shape[0], k.shape[1], nkv, 2, hd)  # S may exceed T with a KV cache
+        v = v.reshape(v.shape[0], v.shape[1], nkv, 2, hd)
+        k_signal, k_noise = k[:, :, :, 0], k[:, :, :, 1]
+        v_both = jnp.concatenate([v[:, :, :, 0], v[:, :, :, 1]], axis=-1)  # [B, S, nkv, 2 hd] = [V1 | V2]
+        signal = sdpa(q_signal, k_signal, v_both).astype(jnp.float32)  # [B, T, ng r, 2 hd]
+        noise = sdpa(q_noise, k_noise, v_both).astype(jnp.float32)  # [B, T, ng, 2 hd]
+        noise = jnp.repeat(noise, r, axis=2)  # each noise head serves the r signal heads of its group
+
+        lam_init = lambda_init(layer_index)
+        lam = (
+            jnp.exp(jnp.sum(self.lambda_q1[...] * self.lambda_k1[...]))
+            - jnp.exp(jnp.sum(self.lambda_q2[...] * self.lambda_k2[...]))
+            + lam_init
+        )
+        out = self.subln(signal - lam * noise) * (1.0 - lam_init)  # SubLN statistics in fp32
+        return out.reshape(b, t, ng * r * 2 * hd).astype(q.dtype)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) with act = SiLU (SwiGLU) or PolyNorm (Motif-2)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.hidden_size, cfg.mlp_dim
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs=rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), cfg, rngs=rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), cfg, rngs=rngs)
+        if cfg.mlp == "polynorm":
+            self.poly_weight = param(rngs, nnx.initializers.constant(1.0 / 3.0), (3,), jnp.float32, (None,))
+            self.poly_bias = param(rngs, nnx.initializers.zeros, (1,), jnp.float32, (None,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = checkpoint_name(self.gate_proj(x), remat.MLP_GATE)
+        up = checkpoint_name(self.up_proj(x), remat.MLP_UP)
+        gate = constrain(gate, ("batch", "length", "mlp"))
+        if self.cfg.mlp == "polynorm":
+            h = (polynorm(gate, self.poly_weight[...], self.poly_bias[...]) * up.astype(jnp.float32)).astype(x.dtype)
+        else:
+            h = jax.nn.silu(gate) * up
+        return checkpoint_name(self.down_proj(h), remat.MLP_OUT)
+
+
+def polynorm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """w0 n(x^3) + w1 n(x^2) + w2 n(x) + b, n(z) = z / sqrt(mean(z^2) + eps) over the last axis; fp32 result.
+
+    When the last (mlp) axis is sharded, XLA turns the means into all-reduces across shards.
+    """
+    xf = x.astype(jnp.float32)
+
+    def n(z):
+        return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
+
+    return weight[0] * n(xf**3) + weight[1] * n(xf**2) + weight[2] * n(xf) + bias[0]
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, segment_ids, positions, layer_index, kv_cache=None, cache_index=None):
+        h, new_kv = self.attn(self.input_norm(x), segment_ids, positions, layer_index, kv_cache, cache_index)
+        x = constrain(x + h, ACT)
+        x = constrain(x + self.mlp(self.post_attention_norm(x)), ACT)
+        return x, new_kv
