@@ -34,6 +34,8 @@ MATH = MathVerifier()
         ("Answer: 42.", 1.0),
         ("Answer: $42$", 1.0),
         ("Answer: 42.0", 1.0),
+        ("**Answer**: 42", 1.0),
+        ("Answer: x = 42", 1.0),
         ("Answer: 41", 0.0),
         ("<think>Answer: 41</think> Answer: 42", 1.0),  # answers inside the thinking do not count
         ("<think>Answer: 42</think> Answer: 41", 0.0),
@@ -48,6 +50,7 @@ def test_exact_answer_strings_and_normalisation():
     assert normalize_answer(" 1,000 ") == "1000"
     assert normalize_answer("\\text{Paris}.") == "paris"
     assert normalize_answer("-7") == "-7"
+    assert normalize_answer("x = -7") == "-7"
     assert EXACT({"answer": "Paris"}, "Answer: paris") .score == 1.0
     assert EXACT({"answer": "Paris"}, "Answer: Paris, France").score == 0.0
 
@@ -71,6 +74,16 @@ def test_reward_hacking_and_unparseable_answers_score_zero(response, why):
         r = verifier(record, response)
         assert r.score == 0.0 and r.status == "parse_error", (verifier.name, r)
         assert why in r.detail
+
+
+def test_synthetic_task_traces_pass_the_exact_verifier():
+    synthetic = pytest.importorskip("motif_jax.data.synthetic")
+    for task in synthetic.TASKS:
+        for style in ("aligned", "teacher", "none"):
+            for p in synthetic.generate_problems(task, 5, seed=1):
+                reasoning, content = synthetic.trace(p, style)
+                response = (f"<think>{reasoning}</think>" if reasoning else "") + content
+                assert EXACT(synthetic.make_record(p, style), response).score == 1.0
 
 
 def test_repeated_identical_answer_is_not_ambiguous():

@@ -96,7 +96,7 @@ def _routed(record: Mapping[str, Any], name: str) -> bool | None:
 # Answer extraction
 # ---------------------------------------------------------------------------------------------------------------------
 
-_ANSWER_RE = re.compile(r"answer\s*:", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"answer\**\s*:", re.IGNORECASE)  # "Answer:", "**Answer**:", "answer :"
 _ALTERNATIVES_RE = re.compile(r"(\bor\b|\\lor\b|\\vee\b|\\text\{\s*or\s*\}|\beither\b|;|\|\|)", re.IGNORECASE)
 
 
@@ -164,8 +164,8 @@ _LATEX_WRAPPERS = [
 def normalize_answer(ans: str) -> str:
     """Canonical string for comparing short answers: integers as ``str(int)``, other text case-folded.
 
-    Strips ``$``, ``\\text{}``, surrounding punctuation/quotes, whitespace and thousands separators in numbers
-    ("1,000" -> "1000", "-5.0" -> "-5", "\\$12" -> "12").
+    Strips ``$``, ``\\text{}``, surrounding punctuation/quotes, whitespace, a leading ``x =`` and thousands
+    separators in numbers ("1,000" -> "1000", "-5.0" -> "-5", "\\$12" -> "12", "x = 5" -> "5").
     """
     s = ans.strip()
     for pat, rep in _LATEX_WRAPPERS:
@@ -173,6 +173,7 @@ def normalize_answer(ans: str) -> str:
     s = s.replace("\\$", "").replace("$", "").strip()
     s = s.strip(" \t\n.。'\"`*")
     s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", s)  # "x = 5" -> "5" (a single variable's value)
     num = s.replace(" ", "")
     if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", num):
         num = num.replace(",", "")
