@@ -213,16 +213,16 @@ def test_config_defaults_and_flag_names():
     d = DifficultyConfig()
     assert (d.p_lo, d.p_hi) == (0.1, 0.9)
     for make, flag in [
-        (lambda: RLObjectiveConfig(eps_high=-0.1), "--rl.objective.eps-high"),
-        (lambda: RLObjectiveConfig(dual_clip=0.5), "--rl.objective.dual-clip"),
-        (lambda: RLObjectiveConfig(is_cap=0.5), "--rl.objective.is-cap"),
-        (lambda: RLObjectiveConfig(aggregation="mean"), "--rl.objective.aggregation"),
-        (lambda: RLObjectiveConfig(overlong_buffer=100), "--rl.objective.overlong-buffer"),
-        (lambda: DifficultyConfig(p_lo=0.8, p_hi=0.2), "--rl.difficulty.p-lo"),
-        (lambda: DifficultyConfig(revisit_prob=2.0), "--rl.difficulty.revisit-prob"),
-        (lambda: BufferConfig(max_uses=0), "--rl.buffer.max-uses"),
-        (lambda: BufferConfig(fresh_fraction=1.5), "--rl.buffer.fresh-fraction"),
-        (lambda: SandboxConfig(uid_base=0), "--rl.sandbox.uid-base"),
+        (lambda: RLObjectiveConfig(eps_high=-0.1), "--objective.eps-high"),
+        (lambda: RLObjectiveConfig(dual_clip=0.5), "--objective.dual-clip"),
+        (lambda: RLObjectiveConfig(is_cap=0.5), "--objective.is-cap"),
+        (lambda: RLObjectiveConfig(aggregation="mean"), "--objective.aggregation"),
+        (lambda: RLObjectiveConfig(overlong_buffer=100), "--objective.overlong-buffer"),
+        (lambda: DifficultyConfig(p_lo=0.8, p_hi=0.2), "--difficulty.p-lo"),
+        (lambda: DifficultyConfig(revisit_prob=2.0), "--difficulty.revisit-prob"),
+        (lambda: BufferConfig(max_uses=0), "--buffer.max-uses"),
+        (lambda: BufferConfig(fresh_fraction=1.5), "--buffer.fresh-fraction"),
+        (lambda: SandboxConfig(uid_base=0), "--sandbox.uid-base"),
     ]:
         with pytest.raises(ConfigError, match=flag.replace(".", r"\.")):
             make()

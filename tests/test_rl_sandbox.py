@@ -212,9 +212,9 @@ def test_runtime_error_status(mode):
 
 
 def test_config_validation_names_the_flag():
-    with pytest.raises(ConfigError, match="--rl.sandbox.timeout-s"):
+    with pytest.raises(ConfigError, match="--sandbox.timeout-s"):
         SandboxConfig(timeout_s=0)
-    with pytest.raises(ConfigError, match="--rl.sandbox.memory-mb"):
+    with pytest.raises(ConfigError, match="--sandbox.memory-mb"):
         SandboxConfig(memory_mb=8)
-    with pytest.raises(ConfigError, match="--rl.sandbox.isolation"):
+    with pytest.raises(ConfigError, match="--sandbox.isolation"):
         SandboxConfig(isolation="docker")  # type: ignore[arg-type]

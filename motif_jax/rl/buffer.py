@@ -148,7 +148,7 @@ class TrajectoryBuffer:
             raise ValueError(f"group {group.group_id!r} has no samples")
         if self.config.group_size is not None and group.size != self.config.group_size:
             raise ValueError(
-                f"group {group.group_id!r} has {group.size} samples but --rl.buffer.group-size is "
+                f"group {group.group_id!r} has {group.size} samples but --buffer.group-size is "
                 f"{self.config.group_size}; the buffer only takes complete groups"
             )
         if any(g.group_id == group.group_id for g in self._groups):

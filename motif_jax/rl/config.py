@@ -1,7 +1,7 @@
 """Configuration of the RL building blocks: objective, difficulty filter, trajectory buffer, code sandbox.
 
 Frozen dataclasses that validate themselves in ``__post_init__`` and raise :class:`motif_jax.config.ConfigError`
-naming the command-line flag to change (``--rl.objective.eps-high`` ...). Defaults are the ones peers use (DAPO
+naming the command-line flag to change (``--objective.eps-high`` ...). Defaults are the ones peers use (DAPO
 clip-higher 0.2 / 0.28, dual clip 3, token-mean aggregation, no KL, no entropy bonus, token-level truncated IS with
 cap 2, staleness <= 2 versions, pass-rate band [0.1, 0.9]); the Motif paper's own values are not public.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from motif_jax.config import ConfigError, _require
+from motif_jax.config import ConfigError, DistributedConfig, MeshConfig, ModelConfig, _require
+from motif_jax.train.checkpoint import CheckpointConfig
+from motif_jax.train.config import OptimConfig
 
 __all__ = [
     "Aggregation",
@@ -22,6 +24,7 @@ __all__ = [
     "ISLevel",
     "Isolation",
     "Proximal",
+    "RLConfig",
     "RLObjectiveConfig",
     "RatioLevel",
     "SandboxConfig",
@@ -67,7 +70,7 @@ class RLObjectiveConfig:
     overlong_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        p = "rl.objective."
+        p = "objective."
         _require(0.0 <= self.eps_low < 1.0, p + "eps-low", f"must be in [0, 1), got {self.eps_low}")
         _require(self.eps_high >= 0.0, p + "eps-high", f"must be >= 0, got {self.eps_high}")
         _require(
@@ -96,7 +99,7 @@ class RLObjectiveConfig:
             _require(
                 self.max_response_len is not None and self.overlong_buffer < self.max_response_len,
                 p + "overlong-buffer",
-                "the soft overlong penalty needs --rl.objective.max-response-len larger than the buffer",
+                "the soft overlong penalty needs --objective.max-response-len larger than the buffer",
             )
         _require(self.overlong_factor >= 0.0, p + "overlong-factor", "must be >= 0")
 
@@ -139,7 +142,7 @@ class DifficultyConfig:
     oversample_factor: float = 3.0
 
     def __post_init__(self) -> None:
-        p = "rl.difficulty."
+        p = "difficulty."
         _require(0.0 <= self.p_lo <= 1.0, p + "p-lo", f"must be in [0, 1], got {self.p_lo}")
         _require(0.0 <= self.p_hi <= 1.0, p + "p-hi", f"must be in [0, 1], got {self.p_hi}")
         _require(self.p_lo <= self.p_hi, p + "p-lo", f"band is empty: p_lo={self.p_lo} > p_hi={self.p_hi}")
@@ -168,7 +171,7 @@ class BufferConfig:
     group_size: int | None = None
 
     def __post_init__(self) -> None:
-        p = "rl.buffer."
+        p = "buffer."
         _require(self.max_staleness >= 0, p + "max-staleness", "must be >= 0 (0: only the current version)")
         _require(self.max_uses >= 1, p + "max-uses", "must be >= 1")
         _require(self.capacity_groups >= 1, p + "capacity-groups", "must be >= 1")
@@ -207,7 +210,7 @@ class SandboxConfig:
     uid_count: int = 4096
 
     def __post_init__(self) -> None:
-        p = "rl.sandbox."
+        p = "sandbox."
         _require(self.timeout_s > 0, p + "timeout-s", "must be > 0")
         _require(self.cpu_time_s >= 1, p + "cpu-time-s", "must be >= 1 second")
         _require(self.memory_mb >= 64, p + "memory-mb", "must be >= 64 (the interpreter itself needs ~30 MB)")
@@ -224,3 +227,211 @@ class SandboxConfig:
         _require(self.uid_base >= 1000, p + "uid-base", "must be an unprivileged uid (>= 1000)")
         _require(self.uid_count >= 1, p + "uid-count", "must be >= 1")
         _require(self.uid_base + self.uid_count < 2**31, p + "uid-count", "uid range overflows")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole RL run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _default_optim() -> OptimConfig:
+    # RL fine-tuning: small constant learning rate, no warm-up, no weight decay (the policy starts trained).
+    return OptimConfig(lr=1e-5, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """One RL fine-tuning run (``scripts/rl.py --config configs/rl/tiny-arith.yaml --init-from DIR``).
+
+    Each round: pick prompts (difficulty band), sample ``group_size`` responses per prompt, verify, keep the groups in
+    the band until ``fresh_groups_per_round`` new groups are in the buffer (over-generating up to
+    ``difficulty.oversample_factor`` x that many prompts), then train on ``prompts_per_round`` groups from the buffer
+    (fresh first, replayed groups fill the rest), split into ``num_minibatches`` mini-batches and ``num_passes``
+    passes: ``num_passes * num_minibatches`` optimizer steps per round, each accumulating over micro-batches of
+    ``micro_batch_size`` samples. The policy version goes up by one per round.
+
+    ``model`` is only used without ``init_from`` (a randomly initialised policy, for tests); with ``init_from`` the
+    model comes from the policy directory. ``prompts`` / ``eval_prompts``: a ``synthetic:...`` spec
+    (``motif_jax.data.synthetic.synthetic_records``) or a JSONL file of prompt records (``messages`` ending with a user
+    turn, plus ``task`` and ``answer`` / ``tests`` / ``constraints`` for the verifiers; ``scripts/prefilter_prompts.py``
+    writes such files with measured pass rates).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=_default_optim)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(save_every=10, keep=2))
+    objective: RLObjectiveConfig = dataclasses.field(default_factory=RLObjectiveConfig)
+    difficulty: DifficultyConfig = dataclasses.field(default_factory=DifficultyConfig)
+    buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
+    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
+
+    # prompts and evaluation
+    prompts: str = "synthetic:addition?split=train&n=4000&min_digits=1&max_digits=4"
+    eval_prompts: str = "synthetic:addition?split=test&n=200&min_digits=1&max_digits=4"
+    # held-out records evaluated (greedy exact match) before, every ``eval_every`` rounds and after (0: no eval)
+    eval_size: int = 200
+    eval_every: int = 0
+    # verifiers used for the reward (motif_jax.rl.verifiers.default_verifiers names) and their weights (default 1)
+    verifiers: tuple[str, ...] = ("exact", "math", "code", "format")
+    reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    # difficulty-aware selection and band admission (False: uniform prompts, every group admitted)
+    band_filter: bool = True
+
+    # rollouts
+    group_size: int = 8
+    prompts_per_round: int = 16
+    # new groups admitted per round (0: prompts_per_round); fewer than prompts_per_round leaves room for replay
+    fresh_groups_per_round: int = 0
+    # prompts per generation call (0: fresh_groups_per_round); the sampler's batch is this x group_size
+    rollout_prompts: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    # prompts are left-padded to this length (one compiled shape); longer prompts are skipped
+    max_prompt_len: int = 64
+
+    # updates
+    num_minibatches: int = 1
+    num_passes: int = 1
+    # samples per micro-batch (0: the whole mini-batch); a multiple of group_size
+    micro_batch_size: int = 0
+    # backend of the fused LM-head log-prob kernel: auto | xla | pallas | triton
+    loss_impl: str = "auto"
+
+    # run
+    run_dir: str = "runs/rl"
+    init_from: str = ""
+    seed: int = 0
+    rounds: int = 50
+    # stop (checkpoint, final eval) once this many minutes have passed / rollouts were generated (0: no limit)
+    max_minutes: float = 0.0
+    max_rollouts: int = 0
+    # seconds between console lines (every round is logged to metrics.jsonl / TensorBoard)
+    print_every_s: float = 0.0
+
+    # -- derived ------------------------------------------------------------------------------------------------------
+    @property
+    def fresh_groups(self) -> int:
+        return self.fresh_groups_per_round or self.prompts_per_round
+
+    @property
+    def prompts_per_call(self) -> int:
+        return self.rollout_prompts or self.fresh_groups
+
+    @property
+    def groups_per_minibatch(self) -> int:
+        return self.prompts_per_round // self.num_minibatches
+
+    @property
+    def samples_per_minibatch(self) -> int:
+        return self.groups_per_minibatch * self.group_size
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.samples_per_minibatch
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.samples_per_minibatch // self.micro_batch
+
+    @property
+    def seq_len(self) -> int:
+        """Training sequence length: prompt budget + response budget."""
+        return self.max_prompt_len + self.max_new_tokens
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.num_passes * self.num_minibatches
+
+    def __post_init__(self) -> None:
+        g = self.group_size
+        _require(g >= 2, "group-size", f"group-relative advantages need >= 2 responses per prompt, got {g}")
+        _require(self.prompts_per_round >= 1, "prompts-per-round", "must be >= 1")
+        _require(self.num_minibatches >= 1, "num-minibatches", "must be >= 1")
+        _require(self.num_passes >= 1, "num-passes", "must be >= 1")
+        _require(
+            self.prompts_per_round % self.num_minibatches == 0,
+            "num-minibatches",
+            f"--prompts-per-round {self.prompts_per_round} groups cannot be split into {self.num_minibatches} "
+            "equal mini-batches of whole groups; choose a divisor",
+        )
+        _require(self.micro_batch_size >= 0, "micro-batch-size", "must be >= 0 (0: the whole mini-batch)")
+        if self.micro_batch_size:
+            mb, per = self.micro_batch_size, self.samples_per_minibatch
+            _require(
+                mb >= g,
+                "micro-batch-size",
+                f"a micro-batch of {mb} samples is smaller than a group ({g}); groups must not be split across "
+                "micro-batches (raise it to a multiple of --group-size)",
+            )
+            _require(mb % g == 0, "micro-batch-size", f"{mb} is not a multiple of --group-size {g}")
+            _require(
+                per % mb == 0,
+                "micro-batch-size",
+                f"a mini-batch holds {per} samples ({self.groups_per_minibatch} groups x {g}), not a multiple of "
+                f"{mb}; choose a divisor of {per}",
+            )
+        _require(self.fresh_groups_per_round >= 0, "fresh-groups-per-round", "must be >= 0 (0: prompts-per-round)")
+        _require(
+            self.fresh_groups <= self.prompts_per_round,
+            "fresh-groups-per-round",
+            f"{self.fresh_groups} new groups do not fit in a round of --prompts-per-round {self.prompts_per_round}",
+        )
+        if self.fresh_groups < self.prompts_per_round:
+            _require(
+                self.buffer.max_uses >= 2,
+                "buffer.max-uses",
+                f"only {self.fresh_groups} of {self.prompts_per_round} groups per round are new, so the rest must be "
+                "replayed: set --buffer.max-uses >= 2 (or --fresh-groups-per-round to --prompts-per-round)",
+            )
+        _require(self.rollout_prompts >= 0, "rollout-prompts", "must be >= 0 (0: fresh-groups-per-round)")
+        _require(
+            self.buffer.group_size is None or self.buffer.group_size == g,
+            "buffer.group-size",
+            f"is {self.buffer.group_size} but --group-size is {g}",
+        )
+        _require(
+            self.buffer.capacity_groups >= self.prompts_per_round,
+            "buffer.capacity-groups",
+            f"must hold at least one round ({self.prompts_per_round} groups)",
+        )
+        _require(self.temperature > 0, "temperature", "must be > 0 (RL samples; behaviour log-probs use it)")
+        _require(0.0 < self.top_p <= 1.0, "top-p", "must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "max-new-tokens", "must be >= 1")
+        _require(self.max_prompt_len >= 1, "max-prompt-len", "must be >= 1")
+        if self.objective.max_response_len is not None:
+            _require(
+                self.objective.max_response_len >= self.max_new_tokens,
+                "objective.max-response-len",
+                f"is below --max-new-tokens {self.max_new_tokens}; responses could exceed L_max",
+            )
+        if self.objective.overlong_buffer:
+            _require(
+                self.objective.overlong_buffer < self.max_new_tokens,
+                "objective.overlong-buffer",
+                f"must be smaller than --max-new-tokens {self.max_new_tokens}",
+            )
+        _require(self.eval_size >= 0, "eval-size", "must be >= 0 (0: no evaluation)")
+        _require(self.eval_every >= 0, "eval-every", "must be >= 0 (0: only before and after)")
+        _require(self.rounds >= 0, "rounds", "must be >= 0")
+        _require(self.max_minutes >= 0, "max-minutes", "must be >= 0 (0: no limit)")
+        _require(self.max_rollouts >= 0, "max-rollouts", "must be >= 0 (0: no limit)")
+        _require(bool(self.prompts), "prompts", "needs a prompt source (synthetic:... spec or JSONL path)")
+        _require(bool(self.run_dir), "run-dir", "needs a directory")
+        known = ("exact", "math", "code", "format")
+        bad = [v for v in self.verifiers if v not in known]
+        _require(not bad and bool(self.verifiers), "verifiers", f"unknown {bad}; choose from {known}")
+        bad_w = [k for k, w in self.reward_weights.items() if k not in self.verifiers or w < 0]
+        _require(not bad_w, "reward-weights", f"{bad_w}: weights must be >= 0 and name a verifier in --verifiers")
+        _require(
+            self.loss_impl in ("auto", "xla", "pallas", "triton"),
+            "loss-impl",
+            f"unknown backend {self.loss_impl!r}; choose auto, xla, pallas or triton",
+        )
+        _require(
+            self.model.max_seq_len >= self.seq_len or bool(self.init_from),
+            "max-new-tokens",
+            f"--max-prompt-len + --max-new-tokens = {self.seq_len} exceeds --model.max-seq-len {self.model.max_seq_len}",
+        )

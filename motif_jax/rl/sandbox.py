@@ -342,8 +342,8 @@ def _plan(isolation: str, python: str, uid_base: int, uid_count: int) -> tuple[s
                 reasons.append(f"{cand}: {r.status} {r.stderr.strip()[-300:]}")
         if isolation == "namespaces":
             raise SandboxUnavailable(
-                "--rl.sandbox.isolation namespaces is not available here: " + "; ".join(reasons)
-                + ". Use --rl.sandbox.isolation process (weaker) or run as root with util-linux installed."
+                "--sandbox.isolation namespaces is not available here: " + "; ".join(reasons)
+                + ". Use --sandbox.isolation process (weaker) or run as root with util-linux installed."
             )
     if isolation == "auto" and os.geteuid() == 0:
         logger.warning("code sandbox falls back to the weaker 'process' isolation: %s", "; ".join(reasons))
@@ -408,7 +408,7 @@ class _UidLease:
                 continue
             self.fd, self.uid = fd, uid
             return uid
-        raise SandboxUnavailable(f"all {self.count} sandbox uids are busy (--rl.sandbox.uid-count)")
+        raise SandboxUnavailable(f"all {self.count} sandbox uids are busy (--sandbox.uid-count)")
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
