@@ -158,7 +158,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 DEFAULT_LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ("context",)),
-    ("embed", ("fsdp",)),
+    # weights are also sharded over `context` (its devices hold different tokens, so it acts as more FSDP for the
+    # weights); activations keep `embed` replicated because batch/length already use fsdp/context.
+    ("embed", ("fsdp", "context")),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
@@ -183,9 +185,17 @@ class MeshConfig:
     dcn_context: int = 1
     # "all_gather" (K/V gathered, load-balanced causal layout) or "ring" (ppermute + online softmax).
     context_strategy: Literal["all_gather", "ring"] = "all_gather"
+    # reorder each sequence once at batch time so every context shard holds chunks i and 2C-1-i (balanced causal
+    # work); see motif_jax.parallel.context.load_balance_batch.
+    context_load_balance: bool = True
     logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_RULES
 
     def __post_init__(self) -> None:
+        _require(
+            self.context_strategy in ("all_gather", "ring"),
+            "mesh.context-strategy",
+            f"unknown strategy {self.context_strategy!r}; choose all_gather or ring",
+        )
         ici = [self.data, self.fsdp, self.tensor, self.context]
         _require(sum(1 for s in ici if s == -1) <= 1, "mesh", "at most one of data/fsdp/tensor/context may be -1")
         for name in MESH_AXES:
@@ -227,6 +237,10 @@ class DistributedConfig:
     local_device_ids: str = ""
     # read SLURM_* variables when no coordinator is given.
     use_slurm: bool = True
+    # coordinator port when the address comes from SLURM (0: derived from SLURM_JOB_ID, as JAX does).
+    coordinator_port: int = 0
+    # "auto" (from SLURM's tasks per node), "node" (one process drives all GPUs of its node) or "gpu" (one each).
+    process_per: Literal["auto", "node", "gpu"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.num_processes >= 1, "distributed.num-processes", "must be >= 1")
@@ -239,6 +253,10 @@ class DistributedConfig:
             self.num_processes == 1 or bool(self.coordinator_address),
             "distributed.coordinator-address",
             "is required when --distributed.num-processes > 1 (e.g. 10.0.0.1:1234)",
+        )
+        _require(0 <= self.coordinator_port < 65536, "distributed.coordinator-port", "must be in [0, 65535]")
+        _require(
+            self.process_per in ("auto", "node", "gpu"), "distributed.process-per", "choose auto, node or gpu"
         )
 
 
@@ -255,8 +273,24 @@ def _tupleize(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Builds (nested) frozen dataclass ``cls`` from a plain dict; unknown keys are errors naming the key."""
+def _find_preset(ref: str, base_dir: Path | None) -> Path:
+    """A preset named inside another YAML: relative to the working directory, else to the including file's folder
+    or one of its parents (so ``model: configs/model/tiny.yaml`` works from any preset in the repository)."""
+    path = Path(ref)
+    candidates = [path] + ([d / path for d in (base_dir, *base_dir.parents)] if base_dir else [])
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"--config: preset {ref!r} not found (looked in the working directory and above {base_dir})")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base_dir: Path | None = None) -> T:
+    """Builds (nested) frozen dataclass ``cls`` from a plain dict; unknown keys are errors naming the key.
+
+    A nested section may be a string naming another YAML preset (``model: configs/model/tiny.yaml``).
+    """
+    if isinstance(data, str) and dataclasses.is_dataclass(cls):
+        return load_yaml(cls, _find_preset(data, base_dir))
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -269,12 +303,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         hint = hints[name]
         origin = typing.get_origin(hint)
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, f"{where}{key}.")
+            kwargs[name] = from_dict(hint, value or {}, f"{where}{key}.", base_dir)
         elif origin in (tuple, Sequence) and typing.get_args(hint) and dataclasses.is_dataclass(
             typing.get_args(hint)[0]
         ):
             item_cls = typing.get_args(hint)[0]
-            kwargs[name] = tuple(from_dict(item_cls, v, f"{where}{key}[{i}].") for i, v in enumerate(value))
+            kwargs[name] = tuple(
+                from_dict(item_cls, v, f"{where}{key}[{i}].", base_dir) for i, v in enumerate(value)
+            )
         else:
             kwargs[name] = _tupleize(value)
     return cls(**kwargs)
@@ -288,7 +324,7 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-    return from_dict(cls, data)
+    return from_dict(cls, data, base_dir=path.absolute().parent)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

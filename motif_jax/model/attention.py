@@ -83,8 +83,20 @@ def _block_logits(qb, kb, qs, ks, qp, kp, scale):
     return jnp.where(m, s, _MASKED), m
 
 
+def _tie(*xs):
+    """Makes the segment ids / positions depend on q for JAX's tracing.
+
+    Inside the scanned layer stack the masks depend only on the (layer-invariant) segment ids and positions, so
+    JAX's scan partial evaluation would hoist them out of the layer loop and precompute the mask of every
+    (query block, key block) pair at once: [T/bq, T/bk, B, H, bq, bk] booleans (128 GiB at 64K). The barrier ties
+    them to q, which changes per layer, so each mask stays a per-block temporary.
+    """
+    return jax.lax.optimization_barrier(xs)
+
+
 def _flash_forward(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv):
     """Padded, grouped inputs -> (out [B, T, Hk, G, Dv] f32, lse [B, Hk, G, T] f32)."""
+    qs, ks, qp, kp, q = _tie(qs, ks, qp, kp, q)
     kb_all, vb_all = _blocks(k, block_kv), _blocks(v, block_kv)
     ksb, kpb = _blocks(ks, block_kv), _blocks(kp, block_kv)
 
@@ -132,6 +144,7 @@ def _flash_fwd(q, k, v, qs, ks, qp, kp, scale, block_q, block_kv):
 
 def _flash_bwd(scale, block_q, block_kv, res, d_out):
     q, k, v, qs, ks, qp, kp, out, lse = res
+    qs, ks, qp, kp, q = _tie(qs, ks, qp, kp, q)
     delta = jnp.einsum("bthgd,bthgd->bhgt", d_out, out)  # rowsum(dO * O) [B, Hk, G, T]
     qb_all, dob_all = _blocks(q, block_q), _blocks(d_out, block_q)
     qsb, qpb = _blocks(qs, block_q), _blocks(qp, block_q)

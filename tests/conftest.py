@@ -1,0 +1,11 @@
+"""Every test process sees 8 simulated CPU devices (set before anything imports jax).
+
+Single-device tests are unaffected: arrays live on the default device unless a test builds a mesh. Multi-process
+tests start their own interpreters with their own flags.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
