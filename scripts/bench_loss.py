@@ -6,7 +6,8 @@
 
 For each shape "T,D,V,dtype" and each implementation (naive = log_softmax(x @ w) under XLA, then each
 backend that can run here) it compiles value_and_grad of the masked mean cross-entropy with respect to x and
-w, reads the compiled temp memory, and times forward + backward (median of --runs after --warmup calls).
+w, reads the compiled temp memory, and times forward + backward (median of --runs after --warmup calls;
+the rounds alternate the implementations so that load from other processes affects them alike).
 A memory-only row (compile, nothing allocated) covers the Motif-2 scale T=65,536, D=4,096, V=219,520 bf16.
 Prints a table, then one JSON line ({"bench": "lm_head_loss", ...}).
 
@@ -33,7 +34,7 @@ import tyro  # noqa: E402
 from kernels import BackendUnavailableError, default_blocks, linear_cross_entropy, resolve_impl  # noqa: E402
 
 DEFAULT_SHAPES = {
-    "cpu": ("2048,512,8192,float32", "8192,1024,32768,float32", "4096,1024,32768,bfloat16"),
+    "cpu": ("2048,512,8192,float32", "8192,1024,32768,float32", "2048,1024,32768,bfloat16"),
     "gpu": ("8192,1024,32768,float32", "16384,4096,131072,bfloat16", "65536,4096,219520,bfloat16"),
 }
 MEMORY_SHAPE = "65536,4096,219520,bfloat16"
@@ -158,25 +159,30 @@ def main(args: Args) -> dict:
 
     for shape in shapes:
         t, d, v, dtype = _parse(shape)
-        data = None
+        compiled, shape_rows = {}, {}
         for impl in impls:
-            compiled, compile_s, temp = _compile(impl, args, t, d, v, dtype)
-            row = {"shape": shape, "impl": impl, "temp_bytes": temp, "compile_s": compile_s}
+            fn, compile_s, temp = _compile(impl, args, t, d, v, dtype)
+            shape_rows[impl] = {"shape": shape, "impl": impl, "temp_bytes": temp, "compile_s": compile_s}
             if limit is not None and temp > limit:
-                row["note"] = f"not timed: temp memory above {limit / 1e9:.0f} GB"
+                shape_rows[impl]["note"] = f"not timed: temp memory above {limit / 1e9:.0f} GB"
             else:
-                data = data or _inputs(t, d, v, dtype, args.mask_fraction)
-                out = None
-                for _ in range(args.warmup):
-                    out = jax.block_until_ready(compiled(*data))
-                times = []
-                for _ in range(args.runs):
+                compiled[impl] = fn
+        if compiled:
+            # Rounds alternate the implementations so that load from other processes hits them alike.
+            data = _inputs(t, d, v, dtype, args.mask_fraction)
+            times = {impl: [] for impl in compiled}
+            for r in range(args.warmup + args.runs):
+                for impl, fn in compiled.items():
                     t0 = time.perf_counter()
-                    out = jax.block_until_ready(compiled(*data))
-                    times.append(time.perf_counter() - t0)
-                row.update(time_s=statistics.median(times), times_s=times, loss=float(out[0]))
-            del compiled
-            report(row)
+                    out = jax.block_until_ready(fn(*data))
+                    if r >= args.warmup:
+                        times[impl].append(time.perf_counter() - t0)
+                    shape_rows[impl]["loss"] = float(out[0])
+            for impl, ts in times.items():
+                shape_rows[impl].update(time_s=statistics.median(ts), times_s=ts)
+            del compiled, data
+        for impl in impls:
+            report(shape_rows[impl])
 
     if args.memory_row:
         t, d, v, dtype = _parse(MEMORY_SHAPE)

@@ -35,6 +35,8 @@ class StageConfig:
     seq_len: int = 0
     batch_size: int = 0
     steps: int = 0
+    # peak learning rate of this stage (0 = --optim.lr); used by the SFT trainer's schedule, not by the pipeline
+    lr: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,11 @@ class DataConfig:
     """Grain packing algorithm."""
     packing_bins: int = 0
     """Rows packed at once (more bins, denser packing); 0 = max(8, per-host batch size)."""
+    read_threads: int = 0
+    """Grain reader threads per process (0: read and render in the iterating thread, fastest for local files since
+    the work holds the GIL; raise it for remote storage)."""
+    read_buffer: int = 64
+    """Records read ahead per process when read_threads > 0."""
     prefetch_workers: int = 0
     """Grain multiprocess prefetch workers (0 = in-process)."""
     prefetch_buffer: int = 4
@@ -107,6 +114,8 @@ class DataConfig:
         _require(self.num_epochs is None or self.num_epochs >= 1, "data.num-epochs", "must be >= 1 or None (forever)")
         _require(self.packing in ("first_fit", "best_fit"), "data.packing", "must be first_fit or best_fit")
         _require(self.packing_bins >= 0, "data.packing-bins", "must be >= 0 (0 = auto)")
+        _require(self.read_threads >= 0, "data.read-threads", "must be >= 0")
+        _require(self.read_buffer >= 1, "data.read-buffer", "must be >= 1")
         _require(self.prefetch_workers >= 0, "data.prefetch-workers", "must be >= 0")
         _require(self.prefetch_buffer >= 1, "data.prefetch-buffer", "must be >= 1")
         for i, st in enumerate(self.stages):

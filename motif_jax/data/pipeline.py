@@ -297,7 +297,9 @@ class DataPipeline:
             mixed = per_source[0]
         else:
             mixed = grain.MapDataset.mix(per_source, [s.weight for s in st.sources])
-        it_ds = mixed.to_iter_dataset()
+        read = (grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer)
+                if cfg.read_threads else grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        it_ds = mixed.to_iter_dataset(read)
         bph = self.batch_size_per_host(stage)
         pack_cls = (grain.experimental.FirstFitPackIterDataset if cfg.packing == "first_fit"
                     else grain.experimental.BestFitPackIterDataset)

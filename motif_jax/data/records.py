@@ -392,7 +392,7 @@ class MemoryReader(RecordReader):
 
 def detect_format(path: str | Path) -> str:
     name = str(path).lower()
-    if name.endswith((".jsonl", ".json", ".ndjson", ".jsonl.txt")):
+    if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     if name.endswith((".parquet", ".pq")):
         return "parquet"
