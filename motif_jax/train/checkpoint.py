@@ -146,77 +146,57 @@ class PreemptionFlag:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Policy directories: the hand-over format between stages (SFT -> RL, HF import -> SFT, scoring).
-#   DIR/model.yaml   the ModelConfig
-#   DIR/params/      an Orbax checkpoint of the parameters (pure dict of the nnx.State)
-#   DIR/policy.json  {"tokenizer": "byte" | "tokenizer.json", "source": ...}
-#   DIR/tokenizer.json  (when the tokenizer is a Hugging Face one)
-# ``--init-from`` accepts such a directory, or a run directory whose ``final/`` is one.
+# Policy directories: the hand-over format between stages (SFT -> RL, HF import -> SFT, scoring): the
+# ``--init-from`` layout of motif_jax.convert.pretrained (model.yaml, params/, tokenizer files) plus policy.json
+# ({"tokenizer": "byte" | "tokenizer.json", "source": ...}). ``--init-from`` accepts such a directory, a run
+# directory whose ``final/`` is one, or a Hugging Face model directory (imported on the fly).
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def save_policy(directory: str | Path, model_cfg: Any, params: Any, tokenizer: str = "byte",
                 source: str = "") -> Path:
-    """Writes a policy directory (collective: every process calls it; process 0 writes the small files)."""
-    import shutil
+    """Writes a policy directory, replacing one that exists (collective: every process calls it).
 
-    import yaml
-    from flax import nnx
+    The layout is the ``--init-from`` one of :mod:`motif_jax.convert.pretrained` (model.yaml, params/, tokenizer
+    files) plus policy.json naming the tokenizer and where the policy came from.
+    """
+    from motif_jax.convert.pretrained import save_params
 
-    from motif_jax.config import to_dict
-
-    directory = Path(directory).absolute()
-    tok_entry = tokenizer
+    tok_dir = None
+    if tokenizer != "byte":
+        tok_dir = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
+    directory = save_params(directory, model_cfg, params, tokenizer_dir=tok_dir, overwrite=True)
     if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "model.yaml").write_text(yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
-        if tokenizer != "byte":
-            src = Path(tokenizer)
-            src = src / "tokenizer.json" if src.is_dir() else src
-            if src.absolute() != (directory / "tokenizer.json"):
-                shutil.copyfile(src, directory / "tokenizer.json")
-            tok_entry = "tokenizer.json"
+        tok_entry = "byte" if tokenizer == "byte" else "tokenizer.json"
         (directory / "policy.json").write_text(json.dumps({"tokenizer": tok_entry, "source": source}) + "\n")
-    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", pure, force=True)
     return directory
 
 
 def resolve_policy_dir(path: str | Path) -> Path:
+    """The policy directory behind ``path``: itself, its ``final/``, or a Hugging Face model directory."""
+    from motif_jax.convert.pretrained import is_hf_dir
+
     path = Path(path).absolute()
     for candidate in (path, path / "final"):
-        if (candidate / "model.yaml").is_file() and (candidate / "params").is_dir():
+        if ((candidate / "model.yaml").is_file() and (candidate / "params").is_dir()) or is_hf_dir(candidate):
             return candidate
     raise CheckpointNotFoundError(
-        f"--init-from {path}: not a policy directory (needs model.yaml and params/) and has no final/ one; "
-        "give an SFT/RL run directory that finished, or a directory written by scripts/convert_hf.py import"
+        f"--init-from {path}: not a policy directory (needs model.yaml and params/, or a Hugging Face config.json "
+        "with safetensors) and has no final/ one; give an SFT/RL run directory that finished, a directory written "
+        "by scripts/convert_hf.py import, or a Hugging Face model directory"
     )
 
 
 def load_policy(path: str | Path, shardings: Any = None) -> tuple[Any, Any, str]:
-    """-> (ModelConfig, parameter nnx.State, tokenizer spec) from a policy or run directory.
+    """-> (ModelConfig, parameter nnx.State, tokenizer spec) from a policy, run or Hugging Face directory.
 
     ``shardings``: an optional pytree of NamedShardings matching the parameter State, to restore each array
     straight into its place on a mesh (no host copy of the whole model).
     """
-    from flax import nnx
-
-    from motif_jax.config import ModelConfig, load_yaml
-    from motif_jax.model.transformer import abstract_model
+    from motif_jax.convert.pretrained import load_params
 
     directory = resolve_policy_dir(path)
-    model_cfg = load_yaml(ModelConfig, directory / "model.yaml")
-    _, abstract = abstract_model(model_cfg)
-    target = nnx.to_pure_dict(abstract)
-    if shardings is not None:
-        shard_tree = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_tree)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory / "params", target)
-    nnx.replace_by_pure_dict(abstract, restored)
+    model_cfg, params = load_params(directory, shardings=shardings)
     meta = json.loads((directory / "policy.json").read_text()) if (directory / "policy.json").is_file() else {}
-    tok = meta.get("tokenizer", "byte")
-    if tok != "byte":
-        tok = str(directory / tok)
-    return model_cfg, abstract, tok
+    tok = meta.get("tokenizer") or ("tokenizer.json" if (directory / "tokenizer.json").is_file() else "byte")
+    return model_cfg, params, tok if tok == "byte" else str(directory / tok)
