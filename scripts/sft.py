@@ -3,7 +3,8 @@
 Every field of motif_jax.train.sft.SFTConfig is a flag (``--optim.lr 1e-3``, ``--data.batch-size 32``,
 ``--mesh.fsdp -1``, ``--distributed.coordinator-address host:port`` ...). The run directory holds config.yaml,
 tensorboard/, metrics.jsonl, checkpoints/, final/ (the policy, for --init-from) and summary.json. Re-running the
-same command resumes from the newest complete checkpoint.
+same command resumes from the newest complete checkpoint. ``--stop-after-steps K`` saves and exits after K steps of
+this invocation (time-boxed jobs: submit the same command again); SIGTERM saves and exits at the next step.
 """
 
 import sys

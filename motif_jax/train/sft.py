@@ -78,12 +78,17 @@ class SFTConfig:
     log_every: int = 10
     # this many non-finite steps in a row stop the run
     max_bad_steps: int = 5
+    # save (train state + data iterator) and exit with status "stopped" after this many steps of this invocation
+    # (0: run to the end); re-running the same command resumes. The schedule still spans all steps. For time-boxed
+    # cluster jobs (run K steps per job) and resume tests.
+    stop_after_steps: int = 0
     # peak dense bf16 FLOP/s of one device for the MFU estimate (0: known GPUs detected, else not reported)
     peak_flops_per_device: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.log_every >= 1, "log-every", "must be >= 1")
         _require(self.max_bad_steps >= 1, "max-bad-steps", "must be >= 1")
+        _require(self.stop_after_steps >= 0, "stop-after-steps", "must be >= 0 (0: run to the end)")
         _require(bool(self.run_dir), "run-dir", "give a directory for logs and checkpoints")
         for i, st in enumerate(self.data.resolved_stages()):
             flag = f"data.stages[{i}].steps" if self.data.stages else "data.stages"
@@ -267,14 +272,19 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 consume(*pending)
                 pending = None
                 evaluate(step)
-            if ckpt.should_save(step) or preempt.requested:
-                ckpt.save(step, state, data_iterator=data_iter, extra={"step": step, "stage": stage})
-            if preempt.requested:
+            preempted = preempt.requested  # one collective per step (agreed by all processes)
+            stop = preempted or (cfg.stop_after_steps > 0 and step - start >= cfg.stop_after_steps and step < total)
+            if ckpt.should_save(step) or stop:
+                ckpt.save(step, state, data_iterator=data_iter, extra={"step": step, "stage": stage}, force=stop)
+            if stop:
+                if pending is not None:  # log the last step now: the resumed run starts after it
+                    consume(*pending)
+                    pending = None
+                status = "preempted" if preempted else "stopped"
                 if is_main:
-                    print(f"stop requested: saved step {step}, exiting", flush=True)
-                ckpt.close()
-                writer.close()
-                return {"status": "preempted", "step": step}
+                    why = "stop requested" if preempted else f"--stop-after-steps {cfg.stop_after_steps}"
+                    print(f"{why}: saved step {step}, exiting (re-run to resume)", flush=True)
+                return {"status": status, "step": step}  # `finally` waits for the save and closes everything
         if pending is not None:
             consume(*pending)
         if ckpt.latest_step() != step:
