@@ -284,13 +284,30 @@ def _find_preset(ref: str, base_dir: Path | None) -> Path:
     raise ConfigError(f"--config: preset {ref!r} not found (looked in the working directory and above {base_dir})")
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of fields, not a {type(data).__name__}")
+    return data
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base_dir: Path | None = None) -> T:
     """Builds (nested) frozen dataclass ``cls`` from a plain dict; unknown keys are errors naming the key.
 
-    A nested section may be a string naming another YAML preset (``model: configs/model/tiny.yaml``).
+    A section may name another YAML preset, whole (``model: configs/model/tiny.yaml``) or as the base that its
+    other keys override (``model: {base: configs/model/tiny.yaml, num_heads: 5}``).
     """
     if isinstance(data, str) and dataclasses.is_dataclass(cls):
-        return load_yaml(cls, _find_preset(data, base_dir))
+        data = {"base": data}
+    if isinstance(data, dict) and "base" in data:
+        rest = {k: v for k, v in data.items() if k != "base"}
+        base_path = _find_preset(str(data["base"]), base_dir)
+        data = {**_read_yaml(base_path), **rest}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -318,13 +335,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base_dir: Pat
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-    return from_dict(cls, data, base_dir=path.absolute().parent)
+    return from_dict(cls, _read_yaml(path), base_dir=path.absolute().parent)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -207,3 +207,21 @@ def test_cudnn_attention_refuses_cpu_clearly():
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(AttentionBackendError, match="blockwise"):
         attend(q, q, q, ids, ids, ids, ids, impl="cudnn")
+
+
+def test_nested_preset_with_overrides_and_bad_reference(tmp_path):
+    """A section may name a preset as its base and override fields; a missing preset is a clear ConfigError."""
+    import dataclasses as dc
+
+    @dc.dataclass(frozen=True)
+    class Run:
+        model: ModelConfig = ModelConfig()
+
+    (tmp_path / "run.yaml").write_text("model: {base: configs/model/tiny.yaml, num_layers: 2}\n")
+    tiny = load_yaml(ModelConfig, "configs/model/tiny.yaml")
+    assert load_yaml(Run, tmp_path / "run.yaml").model == dc.replace(tiny, num_layers=2)
+    (tmp_path / "whole.yaml").write_text("model: configs/model/tiny.yaml\n")
+    assert load_yaml(Run, tmp_path / "whole.yaml").model == tiny
+    (tmp_path / "bad.yaml").write_text("model: {base: configs/model/nope.yaml}\n")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_yaml(Run, tmp_path / "bad.yaml")
