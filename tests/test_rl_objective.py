@@ -43,6 +43,13 @@ def test_unclipped_token_matches_ratio_times_advantage():
     assert met["clip_frac_high"] == 0 and met["clip_frac_low"] == 0
 
 
+def test_negative_weight_scales_only_negative_advantages():
+    val, grad, _ = _one_token(1.1, -1.0, negative_weight=0.25)
+    assert val == pytest.approx(0.25 * 1.1, rel=1e-6) and grad == pytest.approx(0.25 * 1.1, rel=1e-6)
+    assert _one_token(1.1, -1.0, negative_weight=0.0)[:2] == (0.0, 0.0)  # successes only
+    assert _one_token(1.1, 2.0, negative_weight=0.0)[0] == pytest.approx(-2.2, rel=1e-6)  # positives untouched
+
+
 def test_clip_high_value_and_zero_gradient():
     val, grad, met = _one_token(1.5, 1.0, eps_high=0.28)
     assert val == pytest.approx(-1.28, rel=1e-6)

@@ -68,9 +68,12 @@ class RLObjectiveConfig:
     drop_zero_std_groups: bool = True
     overlong_buffer: int = 0
     overlong_factor: float = 1.0
+    # scale of negative advantages (1: GRPO; 0.1: W-REINFORCE; 0: successes only), see objective.policy_loss_terms
+    negative_weight: float = 1.0
 
     def __post_init__(self) -> None:
         p = "objective."
+        _require(0.0 <= self.negative_weight <= 1.0, p + "negative-weight", f"must be in [0, 1], got {self.negative_weight}")
         _require(0.0 <= self.eps_low < 1.0, p + "eps-low", f"must be in [0, 1), got {self.eps_low}")
         _require(self.eps_high >= 0.0, p + "eps-high", f"must be >= 0, got {self.eps_high}")
         _require(
@@ -116,6 +119,7 @@ class RLObjectiveConfig:
             entropy_coef=self.entropy_coef,
             aggregation=self.aggregation,
             max_response_len=self.max_response_len,
+            negative_weight=self.negative_weight,
         )
 
 

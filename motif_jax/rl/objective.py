@@ -108,6 +108,7 @@ def policy_loss_terms(
     entropy_coef: float = 0.0,
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = "token_mean",
     max_response_len: int | None = None,
+    negative_weight: float = 1.0,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """Clipped, importance-weighted policy-gradient loss of one micro-batch as ``(numerator, denominator, metrics)``.
 
@@ -131,6 +132,10 @@ def policy_loss_terms(
         sequences of the sequence's token-mean, den = number of (non-empty) sequences (GRPO paper).
         ``seq_sum_norm``: num = sum m L, den = number of sequences * L_max (Dr. GRPO), L_max = ``max_response_len``
         or T.
+      negative_weight: scale of negative advantages (1: plain GRPO; < 1 down-weights failed samples, as in
+        W-REINFORCE; 0: only successes are reinforced). A failed sample's advantage lands on every token after its
+        mistake too, which are often right given their context; with a small, low-entropy policy that collateral
+        push can outweigh the signal.
 
     Returns:
       numerator, denominator: scalars; the loss is sum(numerators) / sum(denominators) over micro-batches.
@@ -160,6 +165,8 @@ def policy_loss_terms(
     lp = sg(prox_logp.astype(f32))
     lb = sg(behaviour_logp.astype(f32))
     adv = sg(advantages.astype(f32))[:, None]
+    if negative_weight != 1.0:
+        adv = jnp.where(adv < 0, negative_weight * adv, adv)
     m = mask.astype(f32)
     tok_count = m.sum(axis=-1)  # [B]
     seq_valid = (tok_count > 0).astype(f32)  # [B]
