@@ -1,12 +1,13 @@
 """Training throughput of the SFT step, next to PyTorch (transformers' Llama) of the same shape on the same machine.
 
-    python scripts/bench_sft.py                                   # tiny model, 16 x 160 tokens, JAX and torch
+    python scripts/bench_sft.py                                   # the tiny-arith recipe's model, 24 x 160 tokens
     python scripts/bench_sft.py --model configs/model/small.yaml --batch 8 --seq-len 1024 --no-torch
     python scripts/bench_sft.py --model llama3-1b.yaml --seq-len 8192 --batch 1 --peak-tflops 989   # MFU on a GPU
 
 Rows:
 - ``jax <preset>``: our compiled train step (fused LM-head loss, AdamW, the preset's attention and MLP);
-- ``jax llama-shape``: the same sizes with standard attention + SwiGLU (what transformers' Llama computes);
+- ``jax llama-shape``: the same sizes with standard attention (the signal heads of differential attention) +
+  SwiGLU: what transformers' Llama computes;
 - ``torch llama-shape``: ``LlamaForCausalLM`` of those sizes, AdamW, eager fwd + bwd + step in fp32 on the CPU
   with the same number of threads.
 Each row: median seconds per step over ``--steps`` timed steps after ``--warmup`` (compilation excluded), training
@@ -37,8 +38,9 @@ from motif_jax.train.step import abstract_batch, compile_train_step
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    model: str = "configs/model/tiny.yaml"
-    batch: int = 16
+    # a model preset, or an SFT recipe (its model section is used)
+    model: str = "configs/sft/tiny-arith.yaml"
+    batch: int = 24
     seq_len: int = 160
     steps: int = 10
     warmup: int = 3
@@ -94,6 +96,20 @@ def bench_jax(cfg: BenchConfig, model_cfg: ModelConfig) -> float:
     return _time(step, cfg.warmup, cfg.steps)
 
 
+def load_model(path: str) -> ModelConfig:
+    import yaml
+
+    from motif_jax.train.sft import SFTConfig
+
+    data = yaml.safe_load(open(path)) or {}
+    return load_yaml(SFTConfig, path).model if "model" in data else load_yaml(ModelConfig, path)
+
+
+def signal_heads(m: ModelConfig) -> int:
+    """Query heads of the equal-size standard-attention model: differential attention's signal heads."""
+    return m.num_heads - m.num_heads // (m.diff_ratio + 1) if m.attention == "differential" else m.num_heads
+
+
 def bench_torch(cfg: BenchConfig, m: ModelConfig) -> float:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,8 +146,9 @@ def main() -> int:
     import tyro
 
     cfg = tyro.cli(BenchConfig, description=__doc__)
-    model_cfg = load_yaml(ModelConfig, cfg.model)
-    llama_shape = dataclasses.replace(model_cfg, attention="standard", mlp="swiglu", qk_norm=False)
+    model_cfg = load_model(cfg.model)
+    llama_shape = dataclasses.replace(model_cfg, attention="standard", mlp="swiglu", qk_norm=False,
+                                      num_heads=signal_heads(model_cfg))
     tokens = cfg.batch * cfg.seq_len
     rows = []
 
