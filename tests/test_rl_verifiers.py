@@ -230,3 +230,22 @@ def test_overlong_penalty():
     np.testing.assert_allclose(overlong_penalty(np.array([0, 850, 1000]), 1000, 200), [0.0, -0.25, -1.0])
     with pytest.raises(ValueError):
         overlong_penalty(1, 10, 0)
+
+
+def test_steps_verifier_rewards_only_right_answers_with_right_steps():
+    from motif_jax.data.synthetic import synthetic_records
+    from motif_jax.rl.verifiers import StepsVerifier
+
+    v = StepsVerifier()
+    rec = next(iter(synthetic_records("synthetic:addition?style=aligned&n=1&min_digits=3&max_digits=4")))
+    steps = rec["messages"][-1]["reasoning"]
+    good = f"<think>{steps}</think>Answer: {rec['answer']}"
+    assert v.applies(rec) and v(rec, good).score == 1.0
+    lines = steps.splitlines()
+    lucky = f"<think>{chr(10).join(['9+9+0=18'] + lines[1:])}</think>Answer: {rec['answer']}"  # wrong step
+    res = v(rec, lucky)
+    assert res.score == 0.0 and res.status == "ok" and "step 1" in res.detail
+    assert v(rec, f"<think>{steps}</think>Answer: {int(rec['answer']) + 1}").score == 0.0
+    assert v(rec, "<think>" + steps + "</think>no answer").status == "parse_error"
+    teacher = next(iter(synthetic_records("synthetic:addition?style=teacher&n=1")))
+    assert not v.applies(teacher)  # only aligned references are step-checkable

@@ -424,7 +424,7 @@ class RLConfig:
         _require(self.max_rollouts >= 0, "max-rollouts", "must be >= 0 (0: no limit)")
         _require(bool(self.prompts), "prompts", "needs a prompt source (synthetic:... spec or JSONL path)")
         _require(bool(self.run_dir), "run-dir", "needs a directory")
-        known = ("exact", "math", "code", "format")
+        known = ("exact", "steps", "math", "code", "format")
         bad = [v for v in self.verifiers if v not in known]
         _require(not bad and bool(self.verifiers), "verifiers", f"unknown {bad}; choose from {known}")
         bad_w = [k for k, w in self.reward_weights.items() if k not in self.verifiers or w < 0]

@@ -255,6 +255,54 @@ class ExactAnswerVerifier:
         return VerifierResult(float(ok), "ok", detail=f"answer {cand!r}", name=self.name)
 
 
+class StepsVerifier:
+    """Reference-trace check for tasks whose aligned reasoning is deterministic (the synthetic tasks).
+
+    Score 1 only when the response's reasoning reproduces every step line of the record's reference reasoning
+    (the last assistant turn's ``reasoning``) *and* the final answer is exact. An answer-only verifier also rewards
+    right answers reached through wrong steps; with a small policy those are common (a step that reads the wrong
+    digit, an answer that does not follow from the steps), and reinforcing them teaches inconsistent reasoning.
+    Applies to records with a reference reasoning whose provenance style is ``aligned``.
+    """
+
+    name: str = "steps"
+
+    def applies(self, record: Mapping[str, Any]) -> bool:
+        routed = _routed(record, self.name)
+        has_reference = bool(_reference_reasoning(record)) and "answer" in record
+        if routed is not None:
+            return routed and has_reference
+        return has_reference and (record.get("provenance") or {}).get("style") == "aligned"
+
+    def __call__(self, record: Mapping[str, Any], response: str) -> VerifierResult:
+        from motif_jax.data.template import split_response
+
+        if not self.applies(record):
+            return _not_applicable(self.name)
+        reasoning, content = split_response(response)
+        answer = ExactAnswerVerifier()(dict(record, verifiers=None), content)
+        if answer.status != "ok":
+            return dataclasses.replace(answer, name=self.name)
+        want = _step_lines(_reference_reasoning(record))
+        got = _step_lines(reasoning or "")
+        wrong = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if wrong is None and len(got) != len(want):
+            wrong = min(len(got), len(want))
+        ok = wrong is None and answer.score == 1.0
+        detail = answer.detail if wrong is None else f"step {wrong + 1} differs from the reference"
+        return VerifierResult(float(ok), "ok", detail=detail, name=self.name)
+
+
+def _reference_reasoning(record: Mapping[str, Any]) -> str:
+    messages = record.get("messages") or []
+    last = messages[-1] if messages else {}
+    return (last.get("reasoning") or "") if last.get("role") == "assistant" else ""
+
+
+def _step_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Math answers (math_verify)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -557,9 +605,10 @@ def score_response(
 
 
 def default_verifiers(sandbox: SandboxConfig | None = None) -> dict[str, Verifier]:
-    """The standard set, keyed by name: exact, math, code (with ``sandbox``), format (per-record constraints)."""
+    """The standard set, keyed by name: exact, steps (reference trace), math, code (with ``sandbox``), format."""
     return {
         "exact": ExactAnswerVerifier(),
+        "steps": StepsVerifier(),
         "math": MathVerifier(),
         "code": CodeVerifier(sandbox=sandbox or SandboxConfig()),
         "format": FormatVerifier(),
