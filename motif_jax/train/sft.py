@@ -109,7 +109,7 @@ class SFTConfig:
 def curriculum_schedule(cfg: SFTConfig) -> optax.Schedule:
     """Each stage gets warm-up + decay over its own steps with its own peak (``stage.lr`` or ``--optim.lr``)."""
     stages = cfg.data.resolved_stages()
-    parts = [make_schedule(cfg.optim, st.steps, peak=getattr(st, "lr", 0.0) or cfg.optim.lr) for st in stages]
+    parts = [make_schedule(cfg.optim, st.steps, peak=st.lr or cfg.optim.lr) for st in stages]
     if len(parts) == 1:
         return parts[0]
     boundaries = list(np.cumsum([st.steps for st in stages])[:-1])
@@ -324,21 +324,20 @@ def _make_eval_loss(graphdef, cfg: SFTConfig, mesh, data_cfg: DataConfig, tokeni
         data_cfg, sources=(SourceConfig(path=cfg.eval.heldout),), stages=(), seq_len=stage.seq_len,
         batch_size=max(1, min(cfg.eval.batch_size, stage.batch_size)), num_epochs=1, prefetch_workers=0)
     it = make_data_iterator(heldout_cfg, tokenizer=tokenizer, shard_index=0, shard_count=1)
-    batches = []
+    batches = []  # placed on the mesh once, here, not at every evaluation
     for batch in it:
-        batches.append({k: batch[k] for k in BATCH_KEYS})
+        batches.append(to_global_array({k: batch[k] for k in BATCH_KEYS}, mesh, jax.sharding.PartitionSpec()))
         if len(batches) >= 16:
             break
     it.close()
-    replicated = jax.sharding.PartitionSpec()
     jitted = jax.jit(lambda p, b: loss_fn(p, graphdef, b, loss=cfg.train.loss, loss_impl=cfg.train.loss_impl))
 
     def eval_loss(params) -> float:
         num = den = 0.0
         with mesh_lib.activate(mesh, cfg.mesh):
             for batch in batches:
-                n, (d, _) = jitted(params, to_global_array(batch, mesh, replicated))
-                num, den = num + float(n), den + float(d)
-        return num / max(den, 1.0)
+                n, (d, _) = jitted(params, batch)
+                num, den = num + n, den + d  # summed on the device, read once
+        return float(num) / max(float(den), 1.0)
 
     return eval_loss
