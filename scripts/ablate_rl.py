@@ -50,7 +50,9 @@ def variant_config(base: RLConfig, name: str, run_dir: Path, budget: int, eval_e
         base,
         band_filter=band,
         fresh_groups_per_round=fresh,
-        rollout_prompts=base.prompts_per_call,  # the same generation shape in every variant
+        # Band variants over-generate with the preset's call size; without the band every group is admitted, so a
+        # call samples exactly the round's fresh groups (nothing generated is thrown away).
+        rollout_prompts=base.prompts_per_call if band else fresh,
         num_passes=passes,
         buffer=dataclasses.replace(base.buffer, max_uses=uses),
         objective=objective,

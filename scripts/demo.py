@@ -32,7 +32,7 @@ class DemoConfig:
     # SFT steps (the recipe's first stage is cut to this many, the learning-rate schedule with it)
     sft_steps: int = 350
     # wall-clock budget of the RL stage (rounds stop when it is spent; the final evaluation comes after)
-    rl_minutes: float = 5.0
+    rl_minutes: float = 8.0
     # held-out problems for both evaluations
     eval_records: int = 200
 
