@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -101,7 +102,7 @@ def load_model(path: str) -> ModelConfig:
 
     from motif_jax.train.sft import SFTConfig
 
-    data = yaml.safe_load(open(path)) or {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
     return load_yaml(SFTConfig, path).model if "model" in data else load_yaml(ModelConfig, path)
 
 

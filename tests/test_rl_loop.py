@@ -258,7 +258,8 @@ def test_trainer_log_probs_match_the_samplers_at_temperature(straight_run):
     gen = sample_groups(trainer.graphdef, trainer.state.params, trainer.pool_tokens[:4], 8, jax.random.key(7),
                         trainer.sampling, trainer.tokenizer.pad_id)
     groups, stats = score_groups(trainer.pool[:4], trainer.pool_tokens[:4], gen, group_size=8,
-                                 tokenizer=trainer.tokenizer, verifiers={"exact": default_verifiers()["exact"]}, version=3,
+                                 tokenizer=trainer.tokenizer, verifiers={"exact": default_verifiers()["exact"]},
+                                 version=3,
                                  group_ids=list("abcd"))
     assert stats.samples == 32 and [g.prompt_id for g in groups] == [r["id"] for r in trainer.pool[:4]]
     assert all(s.policy_version == 3 and s.finish_reason in ("eos", "length") for g in groups for s in g.samples)

@@ -73,7 +73,8 @@ class RLObjectiveConfig:
 
     def __post_init__(self) -> None:
         p = "objective."
-        _require(0.0 <= self.negative_weight <= 1.0, p + "negative-weight", f"must be in [0, 1], got {self.negative_weight}")
+        _require(0.0 <= self.negative_weight <= 1.0, p + "negative-weight",
+                 f"must be in [0, 1], got {self.negative_weight}")
         _require(0.0 <= self.eps_low < 1.0, p + "eps-low", f"must be in [0, 1), got {self.eps_low}")
         _require(self.eps_high >= 0.0, p + "eps-high", f"must be >= 0, got {self.eps_high}")
         _require(

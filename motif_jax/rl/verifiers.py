@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from motif_jax.data.template import split_response
 from motif_jax.rl.config import SandboxConfig
 from motif_jax.rl.sandbox import SandboxResult, run_python
 
@@ -244,7 +245,10 @@ class ExactAnswerVerifier:
     def __call__(self, record: Mapping[str, Any], response: str) -> VerifierResult:
         if not self.applies(record):
             return _not_applicable(self.name)
-        reference = str(record["answer"])
+        return self.check(str(record["answer"]), response)
+
+    def check(self, reference: str, response: str) -> VerifierResult:
+        """The answer check alone (no routing): ``response``'s extracted answer against ``reference``."""
         cand, why = extract_answer(response)
         if cand is None:
             return VerifierResult(0.0, "parse_error", detail=why, name=self.name)
@@ -275,22 +279,19 @@ class StepsVerifier:
         return has_reference and (record.get("provenance") or {}).get("style") == "aligned"
 
     def __call__(self, record: Mapping[str, Any], response: str) -> VerifierResult:
-        from motif_jax.data.template import split_response
-
         if not self.applies(record):
             return _not_applicable(self.name)
         reasoning, content = split_response(response)
-        answer = ExactAnswerVerifier()(dict(record, verifiers=None), content)
+        answer = dataclasses.replace(ExactAnswerVerifier().check(str(record["answer"]), content), name=self.name)
         if answer.status != "ok":
-            return dataclasses.replace(answer, name=self.name)
+            return answer
         want = _step_lines(_reference_reasoning(record))
         got = _step_lines(reasoning or "")
-        wrong = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        if wrong is None and len(got) != len(want):
-            wrong = min(len(got), len(want))
-        ok = wrong is None and answer.score == 1.0
-        detail = answer.detail if wrong is None else f"step {wrong + 1} differs from the reference"
-        return VerifierResult(float(ok), "ok", detail=detail, name=self.name)
+        if got != want:
+            # the first differing line (or the first missing / extra one)
+            wrong = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            return VerifierResult(0.0, "ok", detail=f"step {wrong + 1} differs from the reference", name=self.name)
+        return answer
 
 
 def _reference_reasoning(record: Mapping[str, Any]) -> str:
