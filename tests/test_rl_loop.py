@@ -251,6 +251,47 @@ def test_update_is_the_same_whole_or_in_micro_batches(straight_run):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_update_skips_micro_batches_without_a_policy_gradient(straight_run):
+    """Successes only (negative_weight 0): a micro-batch of failures adds its tokens to the denominator and nothing
+    else, so skipping its passes gives the same update as computing it; a mini-batch of failures changes nothing."""
+    from motif_jax.train.optim import make_optimizer
+
+    trainer = straight_run[0]
+    rng = np.random.default_rng(1)
+    rows = collate(_random_groups(rng, 2, 8), trainer.cfg.seq_len, 0)
+    adv = rows["advantages"].copy()
+    adv[8:] = -np.abs(adv[8:])  # the second micro-batch: failures only
+    assert (adv[:8] > 0).any()
+    tx = make_optimizer(trainer.cfg.optim, trainer.total_steps)
+    kwargs = dataclasses.replace(trainer.cfg.objective, negative_weight=0.0, entropy_coef=0.0).loss_kwargs()
+    kwargs["max_response_len"] = trainer.cfg.max_new_tokens
+    fns = {skip: make_update_fn(trainer.graphdef, tx, loss_kwargs=kwargs, temperature=trainer.cfg.temperature,
+                                skip_inert=skip) for skip in (True, False)}
+    params = jax.tree.map(np.asarray, trainer.state.params)
+
+    def run(skip, advantages):
+        batch = {k: rows[k].reshape((2, 8) + rows[k].shape[1:]) for k in BATCH_KEYS}
+        batch["advantages"] = advantages.reshape(2, 8)
+        p0 = jax.tree.map(jnp.asarray, params)
+        new, _, metrics = fns[skip](p0, tx.init(p0), batch, batch["behaviour_logp"], None)
+        return jax.tree.map(np.asarray, new), {k: float(v) for k, v in metrics.items()}
+
+    (p_skip, m_skip), (p_full, m_full) = run(True, adv), run(False, adv)
+    total_tokens = float(rows["loss_mask"].sum())
+    assert m_skip["denominator"] == m_full["denominator"] == total_tokens
+    assert m_skip["tokens"] == float(rows["loss_mask"][:8].sum()) < m_full["tokens"] == total_tokens
+    np.testing.assert_allclose(m_skip["loss"], m_full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_skip["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    assert m_skip["grad_norm"] > 0
+    for a, b in zip(jax.tree.leaves(p_skip), jax.tree.leaves(p_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    p_none, m_none = run(True, -np.abs(adv))
+    assert m_none["denominator"] == total_tokens and m_none["grad_norm"] == 0.0 and m_none["tokens"] == 0.0
+    for a, b in zip(jax.tree.leaves(p_none), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_trainer_log_probs_match_the_samplers_at_temperature(straight_run):
     """Behaviour log-probs from generate() == the trainer's fused-kernel log-probs of the same tokens under
     softmax(z / tau) (tau = 0.8 here): |lp - lb| is numerical noise for a policy that has not moved."""

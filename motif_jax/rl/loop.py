@@ -14,7 +14,8 @@ One round (``RLTrainer.round``):
 3. **Updates.** The proximal log-probs (parameters at the start of the round, "decoupled") are computed once for the
    round's samples, or taken from the behaviour log-probs ("bypass"). Then ``num_passes`` passes over
    ``num_minibatches`` shuffled mini-batches of whole groups (fresh and replayed mixed), each one jitted update that
-   accumulates the objective's (numerator, denominator) over micro-batches and divides once.
+   accumulates the objective's (numerator, denominator) over micro-batches and divides once. Rows with a policy
+   gradient are put first, so that micro-batches of rows without one (advantage 0) cost nothing but their count.
 4. Version + 1, metrics (every health metric of reference/rl-objective.md), periodic held-out evaluation and
    checkpoints (parameters, optimizer and buffer arrays in ``state``; pass-rate tracker, buffer metadata, policy
    version, counters in ``extra``).
@@ -51,7 +52,7 @@ from motif_jax.parallel import mesh as mesh_lib
 from motif_jax.rl.buffer import Group, TrajectoryBuffer, assign_advantages, collate
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.difficulty import BAND_STATUSES, DifficultyTracker, admit_group, group_pass_rate
-from motif_jax.rl.objective import finalize_metrics
+from motif_jax.rl.objective import finalize_metrics, has_policy_gradient
 from motif_jax.rl.rollout import RolloutStats, prompt_tokens, sample_groups, score_groups
 from motif_jax.rl.step import BATCH_KEYS, make_logprob_fn, make_update_fn, stacked_shardings
 from motif_jax.rl.verifiers import Verifier, default_verifiers, score_response
@@ -413,6 +414,9 @@ class RLTrainer:
         g_size, spm, mb = cfg.group_size, cfg.samples_per_minibatch, cfg.micro_batch
         m_count = cfg.num_microbatches
         pad_row = rows["inputs"].shape[0] - 1  # collate leaves trailing rows empty; the last one always is
+        # Rows with a policy gradient go first in each mini-batch: the update skips micro-batches without any.
+        inert = ~np.asarray(has_policy_gradient(rows["advantages"], rows["loss_mask"],
+                                                negative_weight=cfg.objective.negative_weight))
         with mesh_lib.activate(self.mesh, cfg.mesh):
             for _ in range(cfg.num_passes):
                 order = rng.permutation(len(groups))
@@ -421,6 +425,7 @@ class RLTrainer:
                         continue
                     idx = np.concatenate([np.arange(gi * g_size, gi * g_size + g_size) for gi in part])
                     idx = np.concatenate([idx, np.full(spm - idx.size, pad_row)])
+                    idx = idx[np.argsort(inert[idx], kind="stable")]
                     batch = {}
                     for k in BATCH_KEYS:
                         a = rows[k][idx]

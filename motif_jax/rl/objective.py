@@ -29,7 +29,9 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "METRIC_REDUCTIONS",
     "finalize_metrics",
+    "aggregation_denominator",
     "group_advantages",
+    "has_policy_gradient",
     "policy_loss_terms",
     "reduce_metrics",
     "zero_std_groups",
@@ -87,6 +89,30 @@ def zero_std_groups(rewards: Array, group_size: int | None = None, *, tol: float
 
 def _masked_seq_sum(x: Array, m: Array) -> Array:
     return jnp.sum(x * m, axis=-1)
+
+
+def aggregation_denominator(
+    mask: Array,
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = "token_mean",
+    max_response_len: int | None = None,
+) -> Array:
+    """The loss denominator of one micro-batch (mask [B, T]): what :func:`policy_loss_terms` divides by."""
+    m = jnp.asarray(mask).astype(jnp.float32)
+    if aggregation == "token_mean":
+        return jnp.sum(m)
+    seqs = jnp.sum(m.sum(axis=-1) > 0).astype(jnp.float32)
+    if aggregation == "seq_mean_token_mean":
+        return seqs
+    return seqs * float(max_response_len if max_response_len is not None else m.shape[1])
+
+
+def has_policy_gradient(advantages: Array, mask: Array, *, negative_weight: float = 1.0) -> Array:
+    """[B] bool: rows whose clipped policy term can have a nonzero gradient (tokens and a nonzero effective
+    advantage). Every other row adds only to the denominator, unless a KL or entropy term acts on all rows."""
+    adv = jnp.asarray(advantages, jnp.float32)
+    if negative_weight == 0.0:
+        adv = jnp.maximum(adv, 0.0)
+    return (adv != 0) & (jnp.asarray(mask).astype(jnp.float32).sum(axis=-1) > 0)
 
 
 def policy_loss_terms(
@@ -212,16 +238,11 @@ def policy_loss_terms(
         per_token = per_token - entropy_coef * entropy.astype(f32)
 
     # Aggregation (global counts: sums only).
-    if aggregation == "token_mean":
-        numerator = jnp.sum(per_token * m)
-        denominator = jnp.sum(m)
-    elif aggregation == "seq_mean_token_mean":
+    if aggregation == "seq_mean_token_mean":
         numerator = jnp.sum(_masked_seq_sum(per_token, m) / safe_count * seq_valid)
-        denominator = jnp.sum(seq_valid)
     else:
-        l_max = float(max_response_len if max_response_len is not None else l.shape[1])
         numerator = jnp.sum(per_token * m)
-        denominator = jnp.sum(seq_valid) * l_max
+    denominator = aggregation_denominator(m, aggregation, max_response_len)
 
     # Health metrics, all as sums (or maxima) over masked tokens.
     ratio_d = sg(ratio)

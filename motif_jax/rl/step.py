@@ -4,7 +4,11 @@ Batch layout (see ``motif_jax.rl.buffer.collate``): per-token arrays line up wit
 response token j at position ``P - 1 + j``. One optimizer mini-batch is stacked as ``[M, b, T]`` (M micro-batches of
 b samples); :func:`make_update_fn` scans over the M micro-batches, sums the objective's ``(numerator, denominator)``
 and the gradients of the numerators, and divides once: the gradient is exactly that of the whole mini-batch's loss
-``sum(num) / sum(den)`` (global token counts, not a mean of per-micro-batch means).
+``sum(num) / sum(den)`` (global token counts, not a mean of per-micro-batch means). A micro-batch none of whose rows
+has a policy gradient (every effective advantage 0, e.g. the failures when ``negative_weight`` is 0, and no KL or
+entropy term) adds only its denominator: its forward and backward passes are skipped (``lax.cond``), so the caller
+puts the rows with a gradient first (:func:`motif_jax.rl.objective.has_policy_gradient`). The health metrics then
+describe the micro-batches that were computed.
 
 Log-probs are ``log softmax(z / temperature)`` to match the sampler's behaviour log-probs: the hidden states are
 scaled by ``1 / temperature`` before the fused LM-head kernel (``kernels.lm_head.linear_log_probs``), so no
@@ -23,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kernels.lm_head import linear_log_probs
-from motif_jax.rl.objective import METRIC_REDUCTIONS, policy_loss_terms
+from motif_jax.rl.objective import METRIC_REDUCTIONS, aggregation_denominator, has_policy_gradient, policy_loss_terms
 
 __all__ = [
     "BATCH_KEYS",
@@ -112,16 +116,19 @@ def make_update_fn(
     adv_sharding: NamedSharding | None = None,
     replicated: NamedSharding | None = None,
     with_entropy: bool = True,
+    skip_inert: bool = True,
 ) -> Callable:
     """Jitted update over one mini-batch stacked as [M, b, T]; see the module docstring.
 
     ``loss_kwargs``: static keyword arguments of ``policy_loss_terms`` (``RLObjectiveConfig.loss_kwargs()``).
     With ``kl_coef > 0`` the reference log-probs come from ``ref_params`` (frozen) inside the step.
     Returns metrics: the objective's sums/maxima reduced over micro-batches plus ``loss``, ``grad_norm``
-    (before clipping), ``update_norm``, ``denominator``.
+    (before clipping), ``update_norm``, ``denominator``. ``skip_inert=False`` computes every micro-batch.
     """
     kw = dict(loss_kwargs)
     use_ref = kw.get("kl_coef", 0.0) != 0.0
+    # Without KL or entropy terms a row with effective advantage 0 has an exactly zero gradient.
+    skip_inert = skip_inert and not use_ref and kw.get("entropy_coef", 0.0) == 0.0
 
     def update(params, opt_state, batch, prox_logp, ref_params):
         def micro(grad_acc, xs):
@@ -141,9 +148,24 @@ def make_update_fn(
                 )
                 return num, (den, metrics)
 
-            (num, (den, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            grad_acc = jax.tree.map(jnp.add, grad_acc, grads)
-            return grad_acc, (num, den, metrics)
+            def computed(grad_acc):
+                (num, (den, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                return jax.tree.map(jnp.add, grad_acc, grads), (num, den, metrics)
+
+            if not skip_inert:
+                return computed(grad_acc)
+
+            def skipped(grad_acc):
+                shapes = jax.eval_shape(loss_fn, params)[1][1]
+                empty = {k: jnp.full(v.shape, -jnp.inf if METRIC_REDUCTIONS.get(k, ("sum",))[0] == "max" else 0.0,
+                                     v.dtype) for k, v in shapes.items()}
+                den = aggregation_denominator(mb["loss_mask"], kw.get("aggregation", "token_mean"),
+                                              kw.get("max_response_len"))
+                return grad_acc, (jnp.zeros((), jnp.float32), den, empty)
+
+            active = has_policy_gradient(mb["advantages"], mb["loss_mask"],
+                                         negative_weight=kw.get("negative_weight", 1.0)).any()
+            return jax.lax.cond(active, computed, skipped, grad_acc)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grad_sum, (nums, dens, stacked) = jax.lax.scan(micro, zeros, (batch, prox_logp))
