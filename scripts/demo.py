@@ -86,9 +86,10 @@ def main() -> int:
         "rl_updates": rl.get("optimizer_steps"),
         "wall_time_s": round(time.time() - t0, 1),
     }
-    print("\n  stage          held-out exact match")
-    print(f"  SFT ({result['sft_steps']} steps)  {result['sft_accuracy']:.3f}")
-    print(f"  + RL           {result['rl_accuracy_after']:.3f}   "
+    sft_label = f"SFT ({result['sft_steps']} steps)"
+    print(f"\n  {'stage':<18} held-out exact match")
+    print(f"  {sft_label:<18} {result['sft_accuracy']:.3f}")
+    print(f"  {'+ RL':<18} {result['rl_accuracy_after']:.3f}   "
           f"({result['rl_rollouts']} rollouts, {result['rl_updates']} updates)")
     print(f"  total {result['wall_time_s'] / 60:.1f} min; runs in {cfg.run_dir}/sft and {cfg.run_dir}/rl")
     print(json.dumps(result))
