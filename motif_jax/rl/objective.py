@@ -28,8 +28,8 @@ import numpy as np
 __all__ = [
     "LOG_RATIO_CLAMP",
     "METRIC_REDUCTIONS",
-    "finalize_metrics",
     "aggregation_denominator",
+    "finalize_metrics",
     "group_advantages",
     "has_policy_gradient",
     "policy_loss_terms",
