@@ -109,10 +109,13 @@ def aggregation_denominator(
 def has_policy_gradient(advantages: Array, mask: Array, *, negative_weight: float = 1.0) -> Array:
     """[B] bool: rows whose clipped policy term can have a nonzero gradient (tokens and a nonzero effective
     advantage). Every other row adds only to the denominator, unless a KL or entropy term acts on all rows."""
-    adv = jnp.asarray(advantages, jnp.float32)
-    if negative_weight == 0.0:
-        adv = jnp.maximum(adv, 0.0)
+    adv = _weighted_advantages(jnp.asarray(advantages, jnp.float32), negative_weight)
     return (adv != 0) & (jnp.asarray(mask).astype(jnp.float32).sum(axis=-1) > 0)
+
+
+def _weighted_advantages(adv: Array, negative_weight: float) -> Array:
+    """Negative advantages scaled by ``negative_weight`` (see :func:`policy_loss_terms`)."""
+    return adv if negative_weight == 1.0 else jnp.where(adv < 0, negative_weight * adv, adv)
 
 
 def policy_loss_terms(
@@ -190,9 +193,7 @@ def policy_loss_terms(
     l = logp.astype(f32)
     lp = sg(prox_logp.astype(f32))
     lb = sg(behaviour_logp.astype(f32))
-    adv = sg(advantages.astype(f32))[:, None]
-    if negative_weight != 1.0:
-        adv = jnp.where(adv < 0, negative_weight * adv, adv)
+    adv = _weighted_advantages(sg(advantages.astype(f32))[:, None], negative_weight)
     m = mask.astype(f32)
     tok_count = m.sum(axis=-1)  # [B]
     seq_valid = (tok_count > 0).astype(f32)  # [B]
