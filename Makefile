@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -24,7 +24,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py --run-dir $(RUN_DIR)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 clean:

@@ -8,11 +8,13 @@ tyro flags override single fields (``--model.num-layers 4``). Every dataclass va
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Literal, Sequence, TypeVar
 
 import yaml
 
@@ -21,9 +23,32 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag to change."""
 
 
-def _require(cond: bool, flag: str, msg: str) -> None:
+def require(cond: bool, flag: str, msg: str) -> None:
+    """Raises ConfigError("--<flag>: <msg>") unless ``cond``: the one way configs say what to change."""
     if not cond:
         raise ConfigError(f"--{flag}: {msg}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """(field name, allowed values) of every ``Literal[...]`` (or ``Literal[...] | None``) field of ``cls``."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a))
+        if allowed:
+            out.append((name, allowed + ((None,) if type(None) in args else ())))
+    return tuple(out)
+
+
+def check_choices(cfg: Any) -> None:
+    """Checks every ``Literal`` field of the dataclass ``cfg`` against its type hint (tyro checks flags, but YAML
+    presets and ``dataclasses.replace`` do not go through tyro); the flag is ``cfg.FLAG_PREFIX`` + the field."""
+    prefix = getattr(cfg, "FLAG_PREFIX", "")
+    for name, allowed in _literal_fields(type(cfg)):
+        value = getattr(cfg, name)
+        shown = ", ".join(repr(a) if a is None else str(a) for a in allowed)
+        require(value in allowed, prefix + name.replace("_", "-"), f"unknown value {value!r}; choose one of {shown}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -34,6 +59,9 @@ AttentionKind = Literal["standard", "differential"]
 AttentionImpl = Literal["xla", "blockwise", "cudnn"]
 MlpKind = Literal["swiglu", "polynorm"]
 DType = Literal["float32", "bfloat16", "float16"]
+# Names of motif_jax.model.remat.REMAT_POLICIES (that module checks it defines exactly these).
+RematPolicy = Literal["none", "full", "save_projections", "save_attention_out", "save_qkv_attention_out",
+                      "offload_projections", "offload_attention_out"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +73,8 @@ class ModelConfig:
     the ``num_kv_heads`` key/value heads alternate signal (even) / noise (odd) pathways, so there are
     ``num_kv_heads // 2`` key/value groups. ``diff_ratio = 1`` is plain differential attention.
     """
+
+    FLAG_PREFIX: ClassVar[str] = "model."
 
     vocab_size: int = 272
     hidden_size: int = 128
@@ -71,46 +101,40 @@ class ModelConfig:
     # stack layers with lax.scan (compile time independent of depth); off only for debugging.
     scan_layers: bool = True
     # names of tensors to keep for the backward pass; see motif_jax.model.remat.REMAT_POLICIES.
-    remat_policy: str = "none"
+    remat_policy: RematPolicy = "none"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-            _require(getattr(self, name) > 0, f"model.{name.replace('_', '-')}", "must be positive")
+            require(getattr(self, name) > 0, f"model.{name.replace('_', '-')}", "must be positive")
         if self.attention == "standard":
-            _require(
+            require(
                 self.num_heads % self.num_kv_heads == 0,
                 "model.num-kv-heads",
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
             )
         else:
-            _require(self.diff_ratio >= 1, "model.diff-ratio", "must be >= 1")
-            _require(
+            require(self.diff_ratio >= 1, "model.diff-ratio", "must be >= 1")
+            require(
                 self.num_heads % (self.diff_ratio + 1) == 0,
                 "model.num-heads",
                 f"differential attention needs num_heads divisible by diff_ratio + 1 = {self.diff_ratio + 1} "
                 f"(groups of {self.diff_ratio} signal heads and 1 noise head); got {self.num_heads}",
             )
-            _require(
+            require(
                 self.num_kv_heads % 2 == 0,
                 "model.num-kv-heads",
                 "differential attention needs an even number of key/value heads (signal/noise pairs)",
             )
-            _require(
+            require(
                 self.num_query_groups % self.num_kv_groups == 0,
                 "model.num-kv-heads",
                 f"{self.num_query_groups} query groups must be a multiple of {self.num_kv_groups} key/value pairs",
             )
-        _require(self.head_dim % 2 == 0, "model.head-dim", "RoPE needs an even head_dim")
-        _require(self.rope_theta > 0, "model.rope-theta", "must be positive")
-        _require(self.attention_block_q > 0 and self.attention_block_kv > 0, "model.attention-block-q", "must be > 0")
-        from motif_jax.model.remat import REMAT_POLICIES  # local: the model package imports this module
-
-        _require(
-            self.remat_policy in REMAT_POLICIES,
-            "model.remat-policy",
-            f"unknown policy {self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}",
-        )
+        require(self.head_dim % 2 == 0, "model.head-dim", "RoPE needs an even head_dim")
+        require(self.rope_theta > 0, "model.rope-theta", "must be positive")
+        require(self.attention_block_q > 0 and self.attention_block_kv > 0, "model.attention-block-q", "must be > 0")
+        check_choices(self)
 
     # Differential-attention geometry -------------------------------------------------------------------------------
     @property
@@ -175,6 +199,8 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 class MeshConfig:
     """Device mesh: each axis has an intra-node (ICI) and a cross-node (DCN) size; one ICI size may be -1 (fill)."""
 
+    FLAG_PREFIX: ClassVar[str] = "mesh."
+
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
@@ -191,30 +217,26 @@ class MeshConfig:
     logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_RULES
 
     def __post_init__(self) -> None:
-        _require(
-            self.context_strategy in ("all_gather", "ring"),
-            "mesh.context-strategy",
-            f"unknown strategy {self.context_strategy!r}; choose all_gather or ring",
-        )
+        check_choices(self)
         ici = [self.data, self.fsdp, self.tensor, self.context]
-        _require(sum(1 for s in ici if s == -1) <= 1, "mesh", "at most one of data/fsdp/tensor/context may be -1")
+        require(sum(1 for s in ici if s == -1) <= 1, "mesh", "at most one of data/fsdp/tensor/context may be -1")
         for name in MESH_AXES:
             v = getattr(self, name)
-            _require(v == -1 or v >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill with the remaining devices)")
-            _require(getattr(self, f"dcn_{name}") >= 1, f"mesh.dcn-{name}", "must be >= 1")
+            require(v == -1 or v >= 1, f"mesh.{name}", "must be >= 1 or -1 (fill with the remaining devices)")
+            require(getattr(self, f"dcn_{name}") >= 1, f"mesh.dcn-{name}", "must be >= 1")
 
     def ici_shape(self, devices_per_slice: int) -> dict[str, int]:
         """ICI axis sizes with -1 filled so that their product is ``devices_per_slice``."""
         sizes = {a: getattr(self, a) for a in MESH_AXES}
         known = math.prod(s for s in sizes.values() if s != -1)
         if -1 in sizes.values():
-            _require(
+            require(
                 devices_per_slice % known == 0,
                 "mesh",
                 f"{devices_per_slice} devices per node cannot be split with fixed axes of product {known}",
             )
             sizes = {a: (devices_per_slice // known if s == -1 else s) for a, s in sizes.items()}
-        _require(
+        require(
             math.prod(sizes.values()) == devices_per_slice,
             "mesh",
             f"axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there are {devices_per_slice} "
@@ -230,6 +252,8 @@ class MeshConfig:
 class DistributedConfig:
     """Multi-host start-up. Empty coordinator = single process, unless SLURM variables say otherwise."""
 
+    FLAG_PREFIX: ClassVar[str] = "distributed."
+
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
@@ -243,21 +267,19 @@ class DistributedConfig:
     process_per: Literal["auto", "node", "gpu"] = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.num_processes >= 1, "distributed.num-processes", "must be >= 1")
-        _require(
+        require(self.num_processes >= 1, "distributed.num-processes", "must be >= 1")
+        require(
             0 <= self.process_id < self.num_processes,
             "distributed.process-id",
             f"must be in [0, {self.num_processes})",
         )
-        _require(
+        require(
             self.num_processes == 1 or bool(self.coordinator_address),
             "distributed.coordinator-address",
             "is required when --distributed.num-processes > 1 (e.g. 10.0.0.1:1234)",
         )
-        _require(0 <= self.coordinator_port < 65536, "distributed.coordinator-port", "must be in [0, 65535]")
-        _require(
-            self.process_per in ("auto", "node", "gpu"), "distributed.process-per", "choose auto, node or gpu"
-        )
+        require(0 <= self.coordinator_port < 65536, "distributed.coordinator-port", "must be in [0, 65535]")
+        check_choices(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ generated ``--budget-rollouts`` responses):
 ``reuse``       reuse only: uniform prompts, every group admitted (zero-spread groups kept: plain GRPO);
 ``plain``       neither.
 
-The reuse settings come from the preset when it reuses data (``fresh_groups_per_round < prompts_per_round``),
+The reuse settings come from the preset when it reuses data (``fresh_groups_per_round < groups_per_round``),
 else half of the groups are replayed, ``max_uses`` 2 and 2 passes. Writes ``ablation.json``, ``ablation.md`` (a
 table: final / best held-out accuracy, rollouts needed to reach the target accuracy, updates, wall time) and
 ``ablation.png`` (rollout reward and held-out accuracy against rollouts generated).
@@ -30,37 +30,38 @@ from typing import Any
 
 from motif_jax.config import ConfigError, parse_cli
 from motif_jax.rl.config import RLConfig
+from motif_jax.rl.loop import RLTrainer
 from motif_jax.train.checkpoint import CheckpointNotFoundError
+from motif_jax.train.loop import NonFiniteError
 
 VARIANTS = {"band+reuse": (True, True), "band": (True, False), "reuse": (False, True), "plain": (False, False)}
 
 
 def variant_config(base: RLConfig, name: str, run_dir: Path, budget: int, eval_every: int) -> RLConfig:
     band, reuse = VARIANTS[name]
-    n = base.prompts_per_round
+    n, up = base.update.groups_per_round, base.update
     if reuse:
         if base.fresh_groups < n:
-            fresh, uses, passes = base.fresh_groups, base.buffer.max_uses, base.num_passes
+            fresh, uses, passes = base.fresh_groups, base.buffer.max_uses, up.num_passes
         else:
-            fresh, uses, passes = max(n // 2, 1), max(base.buffer.max_uses, 2), max(base.num_passes, 2)
+            fresh, uses, passes = max(n // 2, 1), max(base.buffer.max_uses, 2), max(up.num_passes, 2)
     else:
         fresh, uses, passes = n, 1, 1
     objective = base.objective if band else dataclasses.replace(base.objective, drop_zero_std_groups=False)
     return dataclasses.replace(
         base,
         band_filter=band,
-        fresh_groups_per_round=fresh,
+        update=dataclasses.replace(up, fresh_groups_per_round=fresh, num_passes=passes),
         # Band variants over-generate with the preset's call size; without the band every group is admitted, so a
         # call samples exactly the round's fresh groups (nothing generated is thrown away).
-        rollout_prompts=base.prompts_per_call if band else fresh,
-        num_passes=passes,
+        rollout=dataclasses.replace(base.rollout, prompts_per_call=base.prompts_per_call if band else fresh),
         buffer=dataclasses.replace(base.buffer, max_uses=uses),
         objective=objective,
         run_dir=str(run_dir / name),
         rounds=max(base.rounds, 100_000),  # the rollout budget stops the run
         max_rollouts=budget,
         max_minutes=0.0,
-        eval_every=eval_every,
+        eval=dataclasses.replace(base.eval, every=eval_every),
     )
 
 
@@ -152,7 +153,7 @@ def main() -> int:
                         help="responses generated per variant (0: --max-rollouts of the preset, else 6144)")
     parser.add_argument("--variants", default="band+reuse,band,reuse,plain")
     parser.add_argument("--eval-every-ablation", type=int, default=0,
-                        help="rounds between held-out evaluations (0: the preset's eval_every, else 5)")
+                        help="rounds between held-out evaluations (0: the preset's --eval.every, else 5)")
     parser.add_argument("--target-accuracy", type=float, default=None)
     own, rest = parser.parse_known_args()
     base = parse_cli(RLConfig, rest, description=__doc__)
@@ -162,20 +163,19 @@ def main() -> int:
         print(f"error: --variants: unknown {bad}; choose from {sorted(VARIANTS)}", file=sys.stderr)
         return 2
     budget = own.budget_rollouts or base.max_rollouts or 6144
-    eval_every = own.eval_every_ablation or base.eval_every or 5
+    eval_every = own.eval_every_ablation or base.eval.every or 5
     run_dir = Path(base.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from motif_jax.rl.loop import RLTrainer  # noqa: PLC0415
 
     results: dict[str, dict[str, Any]] = {}
     t0 = time.time()
     for name in names:
         cfg = variant_config(base, name, run_dir, budget, eval_every)
-        print(f"=== {name}: band {cfg.band_filter}, fresh groups {cfg.fresh_groups}/{cfg.prompts_per_round}, "
-              f"passes {cfg.num_passes}, max uses {cfg.buffer.max_uses}, budget {budget} rollouts", flush=True)
+        print(f"=== {name}: band {cfg.band_filter}, fresh groups {cfg.fresh_groups}/{cfg.update.groups_per_round}, "
+              f"passes {cfg.update.num_passes}, max uses {cfg.buffer.max_uses}, budget {budget} rollouts", flush=True)
         try:
             summary = RLTrainer(cfg).run()
-        except (ConfigError, CheckpointNotFoundError) as e:
+        except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         results[name] = {"summary": summary, "curve": _rollout_curve(Path(cfg.run_dir))}

@@ -26,7 +26,7 @@ from motif_jax.data.config import DataConfig, SourceConfig  # noqa: E402
 from motif_jax.data.pipeline import DataPipeline, packing_stats  # noqa: E402
 from motif_jax.data.records import write_jsonl  # noqa: E402
 from motif_jax.data.synthetic import STYLES, Difficulty, generate_problems, make_record  # noqa: E402
-from motif_jax.data.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
+from motif_jax.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

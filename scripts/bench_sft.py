@@ -30,11 +30,11 @@ import numpy as np
 
 from motif_jax.config import MeshConfig, ModelConfig, load_yaml
 from motif_jax.parallel import mesh as mesh_lib
-from motif_jax.train.config import OptimConfig, StepConfig
+from motif_jax.train.config import OptimConfig
 from motif_jax.train.optim import make_optimizer
 from motif_jax.train.sft import flops_per_token
-from motif_jax.train.state import create_train_state
-from motif_jax.train.step import abstract_batch, compile_train_step
+from motif_jax.train.state import init_train_state
+from motif_jax.train.step import abstract_batch, compile_train_step, lm_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +81,11 @@ def _time(step, warmup: int, steps: int) -> float:
 def bench_jax(cfg: BenchConfig, model_cfg: ModelConfig) -> float:
     mesh_cfg = MeshConfig(data=1, fsdp=-1)
     mesh = mesh_lib.make_mesh(mesh_cfg)
-    optim = OptimConfig()
-    state, graphdef, shardings = create_train_state(model_cfg, optim, mesh, mesh_cfg.logical_rules, 0, total_steps=100)
+    tx = make_optimizer(OptimConfig(), 100)
+    state, graphdef, shardings = init_train_state(model_cfg, tx, mesh, mesh_cfg.logical_rules)
     batch_sharding = mesh_lib.batch_sharding(mesh, mesh_cfg.logical_rules)
-    compiled = compile_train_step(shardings, batch_sharding, state, abstract_batch(cfg.batch, cfg.seq_len),
-                                  graphdef=graphdef, tx=make_optimizer(optim, 100), mesh=mesh, mesh_cfg=mesh_cfg,
-                                  step_cfg=StepConfig(), verbose=False)
+    compiled = compile_train_step(lm_loss(graphdef), tx, mesh=mesh, state_shardings=shardings, abstract_state=state,
+                                  batch=abstract_batch(cfg.batch, cfg.seq_len), mesh_cfg=mesh_cfg, verbose=False)
     batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch(cfg, model_cfg.vocab_size).items()}
     box = [state]
 

@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from motif_jax.config import ConfigError, _require, load_yaml, parse_cli
+from motif_jax.config import ConfigError, load_yaml, parse_cli, require
 from motif_jax.rl.config import RLConfig
+from motif_jax.rl.loop import train
 from motif_jax.train.checkpoint import CheckpointNotFoundError
 from motif_jax.train.sft import NonFiniteError, SFTConfig, run_sft
 
@@ -39,9 +40,9 @@ class DemoConfig:
     eval_records: int = 200
 
     def __post_init__(self) -> None:
-        _require(self.sft_steps >= 1, "sft-steps", "must be >= 1")
-        _require(self.rl_minutes > 0, "rl-minutes", "must be > 0")
-        _require(self.eval_records >= 1, "eval-records", "must be >= 1")
+        require(self.sft_steps >= 1, "sft-steps", "must be >= 1")
+        require(self.rl_minutes > 0, "rl-minutes", "must be > 0")
+        require(self.eval_records >= 1, "eval-records", "must be >= 1")
 
 
 def sft_config(cfg: DemoConfig) -> SFTConfig:
@@ -57,7 +58,8 @@ def sft_config(cfg: DemoConfig) -> SFTConfig:
 def rl_config(cfg: DemoConfig, policy_dir: str) -> RLConfig:
     base = load_yaml(RLConfig, cfg.rl_config)
     return dataclasses.replace(base, init_from=policy_dir, run_dir=str(Path(cfg.run_dir) / "rl"),
-                               max_minutes=cfg.rl_minutes, eval_size=cfg.eval_records)
+                               max_minutes=cfg.rl_minutes,
+                               eval=dataclasses.replace(base.eval, num_records=cfg.eval_records))
 
 
 def main() -> int:
@@ -68,18 +70,16 @@ def main() -> int:
         if sft.get("status") != "finished":
             print(f"SFT stopped early ({sft.get('status')}); re-run `make demo` to resume", flush=True)
             return 1
-        from motif_jax.rl.loop import train  # imported late: the SFT stage has set up the runtime
-
         rl = train(rl_config(cfg, sft["final_policy"]))
     except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rl.get("accuracy_after") is None:
-        print(f"RL stopped early ({rl.get('stopped')}); re-run `make demo` to resume", flush=True)
+        print(f"RL stopped early ({rl.get('status')}); re-run `make demo` to resume", flush=True)
         return 1
     result = {
         "sft_steps": sft["steps"],
-        "sft_accuracy": sft["final_eval"].get("accuracy"),
+        "sft_accuracy": sft["accuracy_after"],
         "rl_accuracy_before": rl.get("accuracy_before"),
         "rl_accuracy_after": rl.get("accuracy_after"),
         "rl_rollouts": rl.get("rollouts_generated"),

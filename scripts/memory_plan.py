@@ -97,11 +97,11 @@ def plan_once(args: PlanArgs, num_layers: int | None = None) -> dict:
     import jax
 
     from motif_jax.model.transformer import count_params
-    from motif_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape, validate_mesh
+    from motif_jax.parallel.mesh import make_mesh, mesh_shape, validate_mesh
     from motif_jax.train.config import OptimConfig, StepConfig
     from motif_jax.train.optim import make_optimizer, make_schedule
     from motif_jax.train.state import abstract_train_state
-    from motif_jax.train.step import abstract_batch, compile_train_step
+    from motif_jax.train.step import abstract_batch, compile_train_step, lm_loss
 
     model_cfg = _model_cfg(args, num_layers)
     shape = mesh_shape(args.mesh, args.devices)
@@ -112,13 +112,12 @@ def plan_once(args: PlanArgs, num_layers: int | None = None) -> dict:
     mesh = make_mesh(args.mesh, jax.devices()[: args.devices])
     optim_cfg = OptimConfig(name=args.optimizer)
     t0 = time.time()
-    state, graphdef, shardings = abstract_train_state(model_cfg, optim_cfg, mesh, args.mesh.logical_rules)
-    bs = batch_sharding(mesh, args.mesh.logical_rules)
+    tx = make_optimizer(optim_cfg, 1000)
+    state, graphdef, shardings = abstract_train_state(model_cfg, tx, mesh, args.mesh.logical_rules)
     compiled = compile_train_step(
-        shardings, bs, state, abstract_batch(batch, args.seq_len, bs),
-        graphdef=graphdef, tx=make_optimizer(optim_cfg, 1000), mesh=mesh, mesh_cfg=args.mesh,
-        step_cfg=StepConfig(num_microbatches=args.microbatches, loss=args.loss, loss_impl="xla"),
-        schedule=make_schedule(optim_cfg, 1000), verbose=False,
+        lm_loss(graphdef, StepConfig(loss=args.loss, loss_impl="xla")), tx, mesh=mesh, state_shardings=shardings,
+        abstract_state=state, batch=abstract_batch(batch, args.seq_len), mesh_cfg=args.mesh,
+        num_microbatches=args.microbatches, schedule=make_schedule(optim_cfg, 1000), verbose=False,
     )
     return {
         "model": model_cfg,

@@ -22,21 +22,24 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from motif_jax.config import ConfigError, parse_cli
+from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
+from motif_jax.data.prompts import load_prompt_records
 from motif_jax.data.template import stop_token_ids
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.generate import SamplingConfig
 from motif_jax.model.transformer import abstract_model
-from motif_jax.rl.config import SandboxConfig, _require
-from motif_jax.rl.loop import load_prompt_records
+from motif_jax.rl.config import SandboxConfig
 from motif_jax.rl.rollout import measure_pass_rates, prompt_tokens
 from motif_jax.rl.verifiers import default_verifiers
-from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy
+from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy_params
+from motif_jax.train.state import resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefilterConfig:
     policy: str = ""  # policy directory or a run directory with final/
+    # run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from
+    model: ModelConfig = ModelConfig()
     prompts: str = "synthetic:addition?style=aligned&n=2000&min_digits=3&max_digits=4&split=train"
     out: str = "prefiltered.jsonl"
     samples: int = 8
@@ -54,17 +57,18 @@ class PrefilterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(bool(self.policy), "policy", "give the policy to measure (a policy or run directory)")
-        _require(self.samples >= 1, "samples", "must be >= 1")
-        _require(0.0 <= self.p_lo <= self.p_hi <= 1.0, "p-lo", "need 0 <= p_lo <= p_hi <= 1")
-        _require(self.batch_prompts >= 1, "batch-prompts", "must be >= 1")
-        _require(self.temperature > 0, "temperature", "must be > 0")
-        _require(self.limit >= 0, "limit", "must be >= 0")
+        require(bool(self.policy), "policy", "give the policy to measure (a policy or run directory)")
+        require(self.samples >= 1, "samples", "must be >= 1")
+        require(0.0 <= self.p_lo <= self.p_hi <= 1.0, "p-lo", "need 0 <= p_lo <= p_hi <= 1")
+        require(self.batch_prompts >= 1, "batch-prompts", "must be >= 1")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(self.limit >= 0, "limit", "must be >= 0")
 
 
 def prefilter(cfg: PrefilterConfig) -> dict:
     t0 = time.time()
-    model_cfg, params, tok_spec = load_policy(cfg.policy)
+    model_cfg, policy_dir, tok_spec = resolve_model(cfg.model, cfg.policy)
+    params = load_policy_params(policy_dir, model_cfg)
     graphdef, _ = abstract_model(model_cfg)
     tok = load_tokenizer(tok_spec)
     records = load_prompt_records(cfg.prompts, limit=cfg.limit or None)
@@ -76,7 +80,7 @@ def prefilter(cfg: PrefilterConfig) -> dict:
             prompts.append(t)
     if not kept_recs:
         raise ConfigError(f"--max-prompt-len: no prompt fits in {cfg.max_prompt_len} tokens")
-    _require(max(len(p) for p in prompts) + cfg.max_new_tokens <= model_cfg.max_seq_len, "max-new-tokens",
+    require(max(len(p) for p in prompts) + cfg.max_new_tokens <= model_cfg.max_seq_len, "max-new-tokens",
              f"prompts + {cfg.max_new_tokens} new tokens exceed the policy's max_seq_len {model_cfg.max_seq_len}")
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_tokens=stop_token_ids(tok), prompt_bucket=cfg.max_prompt_len)

@@ -1,7 +1,7 @@
 """RL fine-tuning: ``python scripts/rl.py --config configs/rl/tiny-arith.yaml --init-from SFT_RUN/final --run-dir DIR``.
 
-Every field of motif_jax.rl.config.RLConfig is a flag (``--group-size 16``, ``--objective.eps-high 0.28``,
-``--difficulty.p-lo 0.2``, ``--buffer.max-uses 1``, ``--optim.lr 1e-5`` ...). The run directory holds config.yaml,
+Every field of motif_jax.rl.config.RLConfig is a flag (``--rollout.group-size 16``, ``--objective.eps-high 0.28``,
+``--difficulty.p-lo 0.2``, ``--buffer.max-uses 1``, ``--optim.lr 1e-5``, ``--train.num-microbatches 4`` ...). The run directory holds config.yaml,
 tensorboard/, metrics.jsonl (split ``rollout`` per round, ``update`` per optimizer step, ``eval``), checkpoints/,
 final/ (the policy, for --init-from) and summary.json (``accuracy_before``, ``accuracy_after``, rollouts generated,
 wall time). Re-running the same command resumes from the newest complete checkpoint.
@@ -13,6 +13,7 @@ from motif_jax.config import ConfigError, parse_cli
 from motif_jax.parallel import distributed
 from motif_jax.rl.config import RLConfig
 from motif_jax.train.checkpoint import CheckpointNotFoundError
+from motif_jax.train.loop import NonFiniteError
 
 
 def main() -> int:
@@ -22,7 +23,7 @@ def main() -> int:
 
     try:
         summary = train(cfg)
-    except (ConfigError, CheckpointNotFoundError) as e:
+    except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")

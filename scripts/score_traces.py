@@ -35,14 +35,21 @@ from typing import Literal
 
 from flax import nnx
 
-from motif_jax.config import ConfigError, _require, parse_cli
+from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
 from motif_jax.data.config import SourceConfig
 from motif_jax.data.pipeline import open_source
 from motif_jax.data.records import SkipReport, TraceFormatError, iter_valid, write_jsonl
-from motif_jax.data.scoring import render_records, score_records, select_traces, style_aucs, summarize
+from motif_jax.data.scoring import (
+    render_records,
+    score_records,
+    select_traces,
+    style_aucs,
+    summarize,
+)
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.transformer import abstract_model
-from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy
+from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy_params
+from motif_jax.train.state import resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,8 @@ class ScoreConfig:
 
     # a policy directory (model.yaml + params/) or a run directory with final/
     policy: str = ""
+    # run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from
+    model: ModelConfig = ModelConfig()
     # trace sources: JSONL / Parquet / ArrayRecord files or synthetic:<task>?style=...&n=... specs
     traces: tuple[str, ...] = ()
     # file format of the trace files (auto: by extension)
@@ -84,19 +93,19 @@ class ScoreConfig:
     length_bucket: int = 64
 
     def __post_init__(self) -> None:
-        _require(bool(self.policy), "policy", "give the model to score with (a policy or run directory)")
-        _require(bool(self.traces), "traces", "give at least one trace file or synthetic: spec")
-        _require(bool(self.out), "out", "give a path for the kept traces")
-        _require(bool(self.score_key), "score-key", "must not be empty")
-        _require(self.max_nll is None or self.max_nll >= 0, "max-nll", "must be >= 0")
-        _require(self.keep_quantile is None or 0 < self.keep_quantile <= 1, "keep-quantile", "must be in (0, 1]")
-        _require(self.min_steps >= 0, "min-steps", "must be >= 0")
-        _require(self.max_steps >= 0, "max-steps", "must be >= 0 (0: no limit)")
-        _require(self.max_steps == 0 or self.max_steps >= self.min_steps, "max-steps", "must be >= --min-steps")
-        _require(self.max_tokens >= 0, "max-tokens", "must be >= 0")
-        _require(self.limit >= 0, "limit", "must be >= 0")
-        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
-        _require(self.length_bucket >= 1, "length-bucket", "must be >= 1")
+        require(bool(self.policy), "policy", "give the model to score with (a policy or run directory)")
+        require(bool(self.traces), "traces", "give at least one trace file or synthetic: spec")
+        require(bool(self.out), "out", "give a path for the kept traces")
+        require(bool(self.score_key), "score-key", "must not be empty")
+        require(self.max_nll is None or self.max_nll >= 0, "max-nll", "must be >= 0")
+        require(self.keep_quantile is None or 0 < self.keep_quantile <= 1, "keep-quantile", "must be in (0, 1]")
+        require(self.min_steps >= 0, "min-steps", "must be >= 0")
+        require(self.max_steps >= 0, "max-steps", "must be >= 0 (0: no limit)")
+        require(self.max_steps == 0 or self.max_steps >= self.min_steps, "max-steps", "must be >= --min-steps")
+        require(self.max_tokens >= 0, "max-tokens", "must be >= 0")
+        require(self.limit >= 0, "limit", "must be >= 0")
+        require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        require(self.length_bucket >= 1, "length-bucket", "must be >= 1")
 
     @property
     def scores_path(self) -> Path:
@@ -126,7 +135,8 @@ def load_traces(cfg: ScoreConfig) -> tuple[list[tuple[str, dict]], dict[str, Ski
 
 def score_traces(cfg: ScoreConfig) -> dict:
     t0 = time.time()
-    model_cfg, params, tok_spec = load_policy(cfg.policy)
+    model_cfg, policy_dir, tok_spec = resolve_model(cfg.model, cfg.policy)
+    params = load_policy_params(policy_dir, model_cfg)
     graphdef, _ = abstract_model(model_cfg)
     model = nnx.merge(graphdef, params)
     tokenizer = load_tokenizer(tok_spec)

@@ -10,12 +10,14 @@ this invocation (time-boxed jobs: submit the same command again); SIGTERM saves 
 import sys
 
 from motif_jax.config import ConfigError, parse_cli
+from motif_jax.parallel import distributed
 from motif_jax.train.checkpoint import CheckpointNotFoundError
 from motif_jax.train.sft import NonFiniteError, SFTConfig, run_sft
 
 
 def main() -> int:
     cfg = parse_cli(SFTConfig, description=__doc__)
+    distributed.initialize(cfg.distributed)
     try:
         summary = run_sft(cfg)
     except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:

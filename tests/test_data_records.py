@@ -15,7 +15,6 @@ from motif_jax.data.records import (
     read_records,
     validate_record,
     write_array_record,
-    write_jsonl,
     write_parquet,
 )
 

@@ -35,10 +35,10 @@ from motif_jax.data.synthetic import synthetic_records
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.transformer import create_model
 from motif_jax.train.checkpoint import load_policy, save_policy
-from motif_jax.train.config import OptimConfig, StepConfig
+from motif_jax.train.config import OptimConfig
 from motif_jax.train.optim import make_optimizer
 from motif_jax.train.state import TrainState
-from motif_jax.train.step import BATCH_KEYS, make_train_step
+from motif_jax.train.step import BATCH_KEYS, lm_loss, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = "min_digits=3&max_digits=4"
@@ -121,7 +121,7 @@ def trained(tmp_path_factory):
     ocfg = OptimConfig(lr=3e-3, warmup_steps=10, decay="cosine", min_lr_ratio=0.05, b2=0.98, weight_decay=0.01)
     tx = make_optimizer(ocfg, TRAIN_STEPS)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    step = jax.jit(make_train_step(graphdef, tx, StepConfig()), donate_argnums=0)
+    step = jax.jit(make_train_step(lm_loss(graphdef), tx), donate_argnums=0)
     data = make_data_iterator(DataConfig(seq_len=128, batch_size=8, sources=(SourceConfig(_spec("aligned", 2000,
                                                                                                   "train")),)))
     losses, t0 = [], time.time()

@@ -14,8 +14,8 @@ import pytest
 
 from motif_jax.config import ConfigError, MeshConfig
 from motif_jax.model.attention import attend
+from motif_jax.model.context_attention import context_parallel_attention
 from motif_jax.parallel.context import (
-    context_parallel_attention,
     inverse_permutation,
     load_balance_batch,
     load_balance_permutation,

@@ -115,10 +115,9 @@ WORKER = textwrap.dedent(
     import jax
     import numpy as np
     from motif_jax.parallel.mesh import batch_sharding, make_mesh
-    from motif_jax.train.config import OptimConfig, StepConfig
     from motif_jax.train.optim import make_optimizer, make_schedule
-    from motif_jax.train.state import create_train_state
-    from motif_jax.train.step import compile_train_step
+    from motif_jax.train.state import init_train_state
+    from motif_jax.train.step import compile_train_step, lm_loss
     sys.path.insert(0, {tests!r})
     from test_parallel_train import OPTIM, TINY, packed_batch
 
@@ -126,12 +125,13 @@ WORKER = textwrap.dedent(
     assert jax.process_count() == nproc
     mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
     mesh = make_mesh(mesh_cfg)
-    state, graphdef, shardings = create_train_state(TINY, OPTIM, mesh, mesh_cfg.logical_rules, seed=0)
+    tx = make_optimizer(OPTIM, 10)
+    state, graphdef, shardings = init_train_state(TINY, tx, mesh, mesh_cfg.logical_rules, seed=0)
     bs = batch_sharding(mesh, mesh_cfg.logical_rules)
     host = packed_batch()
     batch = {{k: jax.make_array_from_callback(v.shape, bs, lambda idx, v=v: v[idx]) for k, v in host.items()}}
-    step = compile_train_step(shardings, bs, state, batch, graphdef=graphdef, tx=make_optimizer(OPTIM, 10),
-                              mesh=mesh, mesh_cfg=mesh_cfg, schedule=make_schedule(OPTIM, 10), verbose=False)
+    step = compile_train_step(lm_loss(graphdef), tx, mesh=mesh, state_shardings=shardings, abstract_state=state,
+                              batch=batch, mesh_cfg=mesh_cfg, schedule=make_schedule(OPTIM, 10), verbose=False)
     new_state, metrics = step(state, batch)
     new_state, metrics2 = step(new_state, batch)  # the update ran on both processes' shards consistently
     result = {{"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]),

@@ -17,10 +17,10 @@ from motif_jax.parallel.mesh import (
     make_mesh,
     mesh_shape,
     opt_state_shardings,
-    param_shardings,
     validate_mesh,
 )
 from motif_jax.train.config import OptimConfig
+from motif_jax.train.optim import make_optimizer
 from motif_jax.train.state import abstract_train_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_fit_spec_drops_axes_that_do_not_divide():
 def test_param_and_optimizer_shardings_from_eval_shape():
     mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=2, context=2)
     mesh = make_mesh(mesh_cfg)
-    state, _, shardings = abstract_train_state(TINY, OptimConfig(), mesh, mesh_cfg.logical_rules)
+    state, _, shardings = abstract_train_state(TINY, make_optimizer(OptimConfig(), 10), mesh, mesh_cfg.logical_rules)
     p = shardings.params
     # logical names -> mesh axes: q_proj [layers, embed, heads] -> (None, (fsdp, context), tensor)
     assert p["layers"]["attn"]["q_proj"]["kernel"].get_value().spec == P(None, ("fsdp", "context"), "tensor")

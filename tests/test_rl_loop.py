@@ -1,4 +1,6 @@
-"""The RL loop: config validation, the jitted update, rollout log-probs, a smoke run, resume, and learning."""
+"""The RL loop on the shared engine: config validation, the update as an engine loss (whole = micro-batched =
+sharded with vocab-parallel log-probs), skipping micro-batches without a gradient, the non-finite guard, rollout
+log-probs, a learning run, resume, prefiltering and the ablation report."""
 
 from __future__ import annotations
 
@@ -10,23 +12,26 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from motif_jax.config import ConfigError, ModelConfig
-from motif_jax.data.tokenizer import ByteTokenizer
-from motif_jax.model.generate import SamplingConfig
-from motif_jax.model.transformer import create_model
-from motif_jax.rl.buffer import Group, collate
-from motif_jax.rl.config import BufferConfig, DifficultyConfig, RLConfig, RLObjectiveConfig
+from motif_jax.config import ConfigError, MeshConfig, ModelConfig
+from motif_jax.data.prompts import load_prompt_records
+from motif_jax.model.lm_head import vocab_parallel_axes
+from motif_jax.parallel import mesh as mesh_lib
+from motif_jax.rl.buffer import Group, Trajectory, collate
+from motif_jax.rl.config import (BufferConfig, DifficultyConfig, RLConfig, RLObjectiveConfig, RolloutConfig,
+                                 UpdateConfig)
+from motif_jax.rl.objective import group_advantages, policy_loss_terms
 from motif_jax.rl.rollout import sample_groups, score_groups
-from motif_jax.rl.step import BATCH_KEYS, make_update_fn, token_logprobs
+from motif_jax.rl.step import RL_BATCH_KEYS, policy_loss
+from motif_jax.rl.update import minibatch_rows, round_rows
 from motif_jax.rl.verifiers import VerifierResult, default_verifiers
-from motif_jax.train.checkpoint import CheckpointConfig
-from motif_jax.train.config import OptimConfig
+from motif_jax.train.config import CheckpointConfig, EvalConfig, OptimConfig, StepConfig
+from motif_jax.train.step import make_grad_fn
 
-TINY = ModelConfig(vocab_size=272, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+TINY = ModelConfig(vocab_size=272, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                    mlp_dim=64, max_seq_len=64)
 
 
@@ -44,13 +49,15 @@ class DigitVerifier:
         return VerifierResult(sum(c.isdigit() for c in text) / max(len(text), 1), "ok", name=self.name)
 
 
-def _cfg(run_dir, **kw) -> RLConfig:
+def _cfg(run_dir, *, rollout=None, update=None, train=None, **kw) -> RLConfig:
     base = dict(
         model=TINY,
         prompts="synthetic:addition?split=train&n=64&max_digits=1",
-        eval_prompts="synthetic:addition?split=test&n=4&max_digits=2",
-        eval_size=0, group_size=4, prompts_per_round=4, num_minibatches=2, num_passes=2, micro_batch_size=8,
-        max_new_tokens=12, max_prompt_len=32, rounds=2, run_dir=str(run_dir), band_filter=False,
+        eval=EvalConfig(heldout="", num_records=4, max_new_tokens=12, batch_size=4),
+        rollout=RolloutConfig(**{"group_size": 4, "max_new_tokens": 12, "max_prompt_len": 32, **(rollout or {})}),
+        update=UpdateConfig(**{"groups_per_round": 4, "num_minibatches": 2, "num_passes": 2, **(update or {})}),
+        train=StepConfig(**{"num_microbatches": 1, **(train or {})}),
+        rounds=2, run_dir=str(run_dir), band_filter=False,
         difficulty=DifficultyConfig(tau=0.0, oversample_factor=1.0),
         objective=RLObjectiveConfig(drop_zero_std_groups=False),
         optim=OptimConfig(lr=3e-3, warmup_steps=0, decay="constant", weight_decay=0.0),
@@ -65,19 +72,20 @@ def _cfg(run_dir, **kw) -> RLConfig:
 
 
 @pytest.mark.parametrize("kw, flag", [
-    (dict(group_size=1), "--group-size"),
-    (dict(prompts_per_round=6, num_minibatches=4), "--num-minibatches"),
-    (dict(group_size=8, micro_batch_size=4), "--micro-batch-size"),  # smaller than a group
-    (dict(group_size=4, micro_batch_size=6), "--micro-batch-size"),  # not whole groups
-    (dict(group_size=4, prompts_per_round=6, num_minibatches=1, micro_batch_size=16), "--micro-batch-size"),
-    (dict(fresh_groups_per_round=8, prompts_per_round=4), "--fresh-groups-per-round"),
-    (dict(fresh_groups_per_round=2, prompts_per_round=4, buffer=BufferConfig(max_uses=1)), "--buffer.max-uses"),
+    (dict(rollout=dict(group_size=1)), "--rollout.group-size"),
+    (dict(update=dict(groups_per_round=6, num_minibatches=4)), "--update.num-minibatches"),
+    (dict(rollout=dict(group_size=4), update=dict(groups_per_round=6, num_minibatches=1),
+          train=dict(num_microbatches=5)), "--train.num-microbatches"),  # 24 samples, not a multiple of 5
+    (dict(update=dict(fresh_groups_per_round=8, groups_per_round=4)), "--update.fresh-groups-per-round"),
+    (dict(update=dict(fresh_groups_per_round=2, groups_per_round=4), buffer=BufferConfig(max_uses=1)),
+     "--buffer.max-uses"),
     (dict(buffer=BufferConfig(group_size=8)), "--buffer.group-size"),
-    (dict(temperature=0.0), "--temperature"),
-    (dict(top_p=0.0), "--top-p"),
+    (dict(rollout=dict(temperature=0.0)), "--rollout.temperature"),
+    (dict(rollout=dict(top_p=0.0)), "--rollout.top-p"),
+    (dict(rollout=dict(temperature=float("nan"))), "--rollout.temperature"),
     (dict(verifiers=("exact", "vibes")), "--verifiers"),
     (dict(reward_weights={"code": 1.0}, verifiers=("exact",)), "--reward-weights"),
-    (dict(max_new_tokens=60), "--max-new-tokens"),  # 32 + 60 > max_seq_len 64
+    (dict(rollout=dict(max_new_tokens=60)), "--rollout.max-new-tokens"),  # 32 + 60 > max_seq_len 64
     (dict(objective=RLObjectiveConfig(max_response_len=8)), "--objective.max-response-len"),
 ])
 def test_config_refuses_impossible_combinations(tmp_path, kw, flag):
@@ -85,23 +93,31 @@ def test_config_refuses_impossible_combinations(tmp_path, kw, flag):
         _cfg(tmp_path, **kw)
 
 
+def test_literal_fields_are_checked_outside_tyro_too():
+    with pytest.raises(ConfigError, match=r"--objective\.aggregation: unknown value 'mean'"):
+        dataclasses.replace(RLObjectiveConfig(), aggregation="mean")
+    with pytest.raises(ConfigError, match=r"--train\.loss-impl"):
+        StepConfig(loss_impl="cuda")
+    with pytest.raises(ConfigError, match=r"--model\.remat-policy"):
+        dataclasses.replace(TINY, remat_policy="some")
+
+
 def test_config_derived_sizes_and_yaml(tmp_path):
     from motif_jax.config import load_yaml
 
-    c = _cfg(tmp_path, group_size=4, prompts_per_round=8, num_minibatches=2, micro_batch_size=8)
-    assert (c.groups_per_minibatch, c.samples_per_minibatch, c.micro_batch, c.num_microbatches) == (4, 16, 8, 2)
+    c = _cfg(tmp_path, rollout=dict(group_size=4), update=dict(groups_per_round=8, num_minibatches=2),
+             train=dict(num_microbatches=2))
+    assert (c.samples_per_minibatch, c.micro_batch) == (16, 8)
     assert c.steps_per_round == 4 and c.seq_len == 44 and c.fresh_groups == 8
     preset = load_yaml(RLConfig, "configs/rl/tiny-arith.yaml")
-    assert preset.prompts_per_round % preset.num_minibatches == 0
+    assert preset.micro_batch == 64 and preset.steps_per_round == 1 and preset.eval.every == 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# update step and log-probs
+# the update is an engine loss
 
 
 def _random_groups(rng, n_groups, g, prompt_len=5, resp_len=(3, 9)):
-    from motif_jax.rl.buffer import Trajectory, assign_advantages
-
     groups = []
     for gi in range(n_groups):
         prompt = rng.integers(16, 200, prompt_len)
@@ -110,8 +126,120 @@ def _random_groups(rng, n_groups, g, prompt_len=5, resp_len=(3, 9)):
             r = int(rng.integers(*resp_len))
             samples.append(Trajectory(prompt, rng.integers(16, 200, r), np.ones(r, bool),
                                       rng.normal(-3.0, 0.5, r), float(rng.integers(0, 2)), 0))
-        groups.append(assign_advantages(Group(f"g{gi}", f"p{gi}", "t", samples)))
+        adv = group_advantages(np.array([s.reward for s in samples])[None])[0]
+        for s, a in zip(samples, adv):
+            s.advantage = float(a)
+        groups.append(Group(f"g{gi}", f"p{gi}", "t", samples))
     return groups
+
+
+def _update_rows(rng, seq_len=20):
+    rows = collate(_random_groups(rng, 2, 8), seq_len, 0)
+    # A proximal policy != behaviour policy so clipping, dual clip and IS weights are exercised.
+    prox = rows["behaviour_logp"] + rng.normal(0, 0.5, rows["behaviour_logp"].shape) * rows["loss_mask"]
+    rows["prox_logp"] = prox.astype(np.float32)
+    return {k: rows[k] for k in RL_BATCH_KEYS}
+
+
+KWARGS = dict(RLObjectiveConfig().loss_kwargs(), max_response_len=12)
+TEMPERATURE = 0.8
+
+
+def _reference_loss(graphdef, params, batch):
+    """The objective computed by hand, SFT-style: materialised logits / T, log-softmax, gather, one division."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+    logz = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32) / TEMPERATURE, axis=-1)
+    logp = jnp.take_along_axis(logz, batch["targets"][..., None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logz) * logz, axis=-1)
+    num, den, _ = policy_loss_terms(logp, batch["prox_logp"], batch["behaviour_logp"], batch["advantages"],
+                                    batch["loss_mask"], entropy=ent, **KWARGS)
+    return num / den
+
+
+def test_rl_update_equals_the_reference_whole_micro_batched_and_sharded_vocab_parallel():
+    """One objective, four computations, the same loss and gradient (1e-5, f32): by hand with materialised logits;
+    the engine on the whole batch; the engine in 2 micro-batches; the engine in 2 micro-batches sharded over 8
+    devices (fsdp 4 x tensor 2), where the LM head runs vocab-parallel over ``tensor``."""
+    from motif_jax.model.transformer import create_model
+
+    graphdef, params = nnx.split(create_model(TINY, 0))
+    batch = {k: jnp.asarray(v) for k, v in _update_rows(np.random.default_rng(0)).items()}
+    ref_loss, ref_grads = jax.value_and_grad(_reference_loss, argnums=1)(graphdef, params, batch)
+    loss = policy_loss(graphdef, KWARGS, temperature=TEMPERATURE, skip_inert=False)
+
+    results = {}
+    for m in (1, 2):
+        grads, value, _, aux = jax.jit(make_grad_fn(loss, num_microbatches=m))(params, batch)
+        results[f"micro{m}"] = (value, grads, aux)
+    mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2)
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    p_sh = mesh_lib.param_shardings(params, mesh, mesh_cfg.logical_rules)
+    b_sh = {k: NamedSharding(mesh, P(("data", "fsdp"), *([None] * (v.ndim - 1)))) for k, v in batch.items()}
+    with mesh_lib.activate(mesh, mesh_cfg):
+        assert vocab_parallel_axes()["vocab_axis"] == "tensor"
+        fn = jax.jit(make_grad_fn(loss, num_microbatches=2, param_shardings=p_sh), in_shardings=(p_sh, b_sh))
+        grads, value, _, aux = fn(jax.device_put(params, p_sh), jax.device_put(batch, b_sh))
+    results["sharded"] = (value, grads, aux)
+
+    assert results["micro1"][2]["clip_high_sum"] + results["micro1"][2]["clip_low_sum"] > 0
+    assert results["micro1"][2]["is_truncated_sum"] > 0
+    for name, (value, grads, aux) in results.items():
+        np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert float(aux["tokens"]) == float(batch["loss_mask"].sum())
+
+
+def test_micro_batches_without_a_policy_gradient_are_skipped_exactly():
+    """Successes only (negative_weight 0): a micro-batch of failures adds its tokens to the denominator and nothing
+    else, so skipping its passes gives the same loss and gradient as computing it; all failures give 0."""
+    from motif_jax.model.transformer import create_model
+
+    graphdef, params = nnx.split(create_model(TINY, 0))
+    rows = _update_rows(np.random.default_rng(1))
+    rows["advantages"][8:] = -np.abs(rows["advantages"][8:])  # rows 8..15: failures only
+    assert (rows["advantages"][:8] > 0).any()
+    kwargs = dict(KWARGS, negative_weight=0.0)
+    # the engine's micro-batch i holds rows i, i + M, ...: lay rows 0..7 / 8..15 out as micro-batches 0 / 1
+    order = np.arange(16).reshape(2, 8).T.reshape(-1)
+    batch = {k: jnp.asarray(v[order]) for k, v in rows.items()}
+
+    def run(skip, advantages=None):
+        b = dict(batch) if advantages is None else {**batch, "advantages": jnp.asarray(advantages)}
+        loss = policy_loss(graphdef, kwargs, temperature=TEMPERATURE, skip_inert=skip)
+        grads, value, den, aux = jax.jit(make_grad_fn(loss, num_microbatches=2))(params, b)
+        return grads, float(value), float(den), {k: float(v) for k, v in aux.items()}
+
+    (g_skip, l_skip, d_skip, a_skip), (g_full, l_full, d_full, a_full) = run(True), run(False)
+    total_tokens = float(rows["loss_mask"].sum())
+    assert d_skip == d_full == total_tokens
+    assert a_skip["tokens"] == float(rows["loss_mask"][:8].sum()) < a_full["tokens"] == total_tokens  # skipped
+    np.testing.assert_allclose(l_skip, l_full, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_skip), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_skip)) > 0
+    g_none, l_none, d_none, a_none = run(True, -np.abs(np.asarray(batch["advantages"])))
+    assert d_none == total_tokens and l_none == 0.0 and a_none["tokens"] == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_none))
+
+
+def test_minibatch_rows_put_rows_with_a_gradient_in_the_first_micro_batches():
+    rng = np.random.default_rng(0)
+    groups = _random_groups(rng, 4, 4)
+    for i, g in enumerate(groups):  # groups 0, 1 succeed; 2, 3: no gradient with negative_weight 0
+        for s in g.samples:
+            s.advantage = abs(s.advantage) + 1.0 if i < 2 else -abs(s.advantage) - 1.0
+    rows = round_rows(groups, seq_len=20, pad_id=0, multiple=4)
+    assert rows["tokens"].shape[0] == 20 and not rows["sample_valid"][16:].any()  # >= 1 padding row
+    steps = minibatch_rows(rows, num_groups=4, group_size=4, rows_per_minibatch=16, num_microbatches=4,
+                           num_minibatches=1, num_passes=2, negative_weight=0.0, rng=np.random.default_rng(3))
+    assert len(steps) == 2
+    for idx in steps:
+        assert sorted(idx.tolist()) == list(range(16))  # every row of every group once
+        micro = idx.reshape(-1, 4).T  # the engine's split: micro-batch i = rows i, i + 4, ...
+        assert all((rows["advantages"][m] > 0).all() for m in micro[:2])
+        assert all((rows["advantages"][m] < 0).all() for m in micro[2:])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,11 +248,11 @@ def _random_groups(rng, n_groups, g, prompt_len=5, resp_len=(3, 9)):
 
 HEALTH = [
     "clip_frac_high", "clip_frac_low", "dual_clip_frac", "prox_behaviour_absdiff_mean", "prox_behaviour_absdiff_max",
-    "is_weight_mean", "is_weight_max", "is_truncated_frac", "approx_kl", "entropy_mean", "grad_norm",
+    "is_weight_mean", "is_weight_max", "is_truncated_frac", "approx_kl", "entropy_mean", "grad_norm", "skipped",
 ]
 ROLLOUT = [
     "response_length_mean", "truncation_rate", "zero_std_group_frac", "reward/addition", "pass_rate/addition",
-    "staleness_0", "replay_fraction", "prompts_in_band", "prompts_unseen", "rollouts", "version",
+    "staleness_0", "replay_fraction", "prompts_in_band", "prompts_unseen", "rollouts", "version", "skipped_steps",
 ]
 
 
@@ -133,11 +261,13 @@ def _read_metrics(run_dir):
     return {split: [r for r in lines if r["split"] == split] for split in ("update", "rollout", "eval")}
 
 
-# One configuration for every loop test, so the programs compile once per test process: 4 prompts per round, 2 of
-# them new (the other 2 groups replayed), 8 responses each, 2 mini-batches x 2 passes; a reward that a random tiny
-# policy can learn quickly (digits).
-LOOP = dict(rounds=20, eval_size=4, group_size=8, prompts_per_round=4, fresh_groups_per_round=2, rollout_prompts=4,
-            num_minibatches=2, num_passes=2, micro_batch_size=8, band_filter=True, temperature=0.8,
+# One configuration for every loop test: 4 prompts per round, 2 of them new (the other 2 groups replayed), 8
+# responses each, 2 mini-batches x 2 passes of 2 micro-batches; a reward a random tiny policy learns quickly.
+LOOP = dict(rounds=20, rollout=dict(group_size=8, prompts_per_call=4, temperature=0.8),
+            update=dict(groups_per_round=4, fresh_groups_per_round=2, num_minibatches=2, num_passes=2),
+            train=dict(num_microbatches=2), band_filter=True,
+            eval=EvalConfig(heldout="synthetic:addition?split=test&n=4&max_digits=2", num_records=4,
+                            max_new_tokens=12, batch_size=4),
             difficulty=DifficultyConfig(tau=0.0, oversample_factor=1.0),
             buffer=BufferConfig(max_uses=2, max_staleness=2), objective=RLObjectiveConfig(),
             optim=OptimConfig(lr=1e-2, warmup_steps=0, decay="constant", weight_decay=0.0),
@@ -146,17 +276,44 @@ VERIFIERS = {"digits": DigitVerifier()}
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache, so the module's trainers compile their programs once."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, -1)):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, compile_cache):
+    import contextlib
+    import io
+
     from motif_jax.rl.loop import RLTrainer
 
     run = tmp_path_factory.mktemp("rl") / "straight"
-    trainer = RLTrainer(_cfg(run, **LOOP), verifiers=VERIFIERS)
-    return trainer, trainer.run(), run
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trainer = RLTrainer(_cfg(run, **LOOP), verifiers=VERIFIERS)
+        summary = trainer.run()
+    return trainer, summary, run, out.getvalue()
 
 
-def test_loop_learns_logs_health_metrics_and_writes_summary(straight_run):
-    trainer, summary, run = straight_run
+def test_loop_compiles_first_learns_logs_health_metrics_and_writes_summary(straight_run):
+    trainer, summary, run, printed = straight_run
+    lines = printed.splitlines()
+    compiled_at = next(i for i, line in enumerate(lines) if line.startswith("RL update: per-device memory"))
+    assert compiled_at < next(i for i, line in enumerate(lines) if line.startswith("[round 1"))  # before round 1
     assert summary["rounds"] == 20 and summary["version"] == 20 and summary["optimizer_steps"] == 80
+    assert summary["status"] == "finished" and summary["skipped_steps"] == 0
     assert summary["rollouts_generated"] == 20 * 4 * 8  # one generation call of 4 prompts x 8 per round
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
     assert json.loads((run / "summary.json").read_text())["accuracy_after"] == summary["accuracy_after"]
@@ -177,13 +334,36 @@ def test_loop_learns_logs_health_metrics_and_writes_summary(straight_run):
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards  # reward goes up
 
 
+def test_non_finite_updates_are_skipped_and_counted(tmp_path, straight_run):
+    """A NaN in the round's behaviour log-probs makes every update of the round non-finite: the engine keeps the
+    parameters, the guard counts each step, the round reports them; max_bad_steps in a row stop the run."""
+    from motif_jax.rl.loop import RLTrainer
+    from motif_jax.train.loop import NonFiniteError
+
+    trainer = RLTrainer(_cfg(tmp_path / "nan", **{**LOOP, "max_bad_steps": 6}), verifiers=VERIFIERS)
+    trainer.run_unit(0)  # a normal round fills the buffer
+    before = jax.tree.map(np.asarray, trainer.state.params)
+    groups = trainer.buffer.groups
+    for g in groups:
+        g.samples[0].behaviour_logp = np.full_like(g.samples[0].behaviour_logp, np.nan)
+    m = trainer.update_round(np.random.default_rng(0))
+    assert m["skipped_steps"] == m["optimizer_steps"] == 4 and trainer.guard.total == 4
+    for a, b in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for g in groups:  # the poisoned groups, fresh again
+        trainer.buffer.add(dataclasses.replace(g, group_id=g.group_id + "'"), step=1)
+    with pytest.raises(NonFiniteError, match="--max-bad-steps"):
+        trainer.update_round(np.random.default_rng(1))  # the 6th bad step in a row
+    trainer.close()
+
+
 def test_killed_run_resumes_with_the_same_buffer_tracker_and_version(tmp_path, straight_run):
     """SIGTERM after round 2: the run checkpoints and stops; a restart restores the same buffer, pass-rate
-    statistics, policy version and parameters, and finishes exactly like the uninterrupted run."""
+    statistics, policy version and parameters, and then logs exactly the updates of the uninterrupted run."""
     from motif_jax.rl.loop import RLTrainer
 
     killed = RLTrainer(_cfg(tmp_path / "a", **LOOP), verifiers=VERIFIERS)
-    real_round = killed.round
+    real_round = killed.run_unit
 
     def round_then_sigterm(r):
         out = real_round(r)
@@ -191,18 +371,17 @@ def test_killed_run_resumes_with_the_same_buffer_tracker_and_version(tmp_path, s
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the loop's PreemptionFlag
         return out
 
-    killed.round = round_then_sigterm
+    killed.run_unit = round_then_sigterm
     s = killed.run()
-    assert s["stopped"] == "preempted" and s["rounds"] == 2 and s["version"] == 2
+    assert s == {"status": "preempted", "rounds": 2}
+    assert killed.version == 2 and len(killed.buffer) > 0
     saved_buffer = killed.buffer.state_dict()
-    saved_tracker = killed.tracker.state_dict()
+    saved_tracker = killed.collector.tracker.state_dict()
     saved_params = jax.tree.map(np.asarray, killed.state.params)
-    assert len(killed.buffer) > 0
 
     resumed = RLTrainer(_cfg(tmp_path / "a", **LOOP), verifiers=VERIFIERS)
-    assert resumed.restore()
-    assert (resumed.round_index, resumed.version, resumed.rollouts) == (2, 2, killed.rollouts)
-    assert resumed.tracker.state_dict() == saved_tracker
+    assert (resumed.index, resumed.version, resumed.rollouts) == (2, 2, killed.rollouts)
+    assert resumed.collector.tracker.state_dict() == saved_tracker
     got = resumed.buffer.state_dict()
     assert got["meta_json"] == saved_buffer["meta_json"]
     for k in saved_buffer:
@@ -210,117 +389,47 @@ def test_killed_run_resumes_with_the_same_buffer_tracker_and_version(tmp_path, s
             np.testing.assert_array_equal(got[k], saved_buffer[k])
     for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(saved_params)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    s2 = resumed.run()  # restores again from the directory and finishes
-    straight, s3, _ = straight_run
+    s2 = resumed.run()
+    straight, s3, straight_dir, _ = straight_run
     assert (s2["rounds"], s2["version"], s2["rollouts_generated"]) == (20, 20, s3["rollouts_generated"])
     assert s2["accuracy_before"] == s3["accuracy_before"]
-    assert resumed.tracker.state_dict() == straight.tracker.state_dict()
+    assert resumed.collector.tracker.state_dict() == straight.collector.tracker.state_dict()
     assert resumed.buffer.state_dict()["meta_json"] == straight.buffer.state_dict()["meta_json"]
-    for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
-def test_update_is_the_same_whole_or_in_micro_batches(straight_run):
-    """(numerator, denominator) summed over micro-batches and divided once == the whole mini-batch's loss: the
-    loop's update (2 micro-batches of 8, sharded over 8 devices) against an unsharded update of one batch of 16."""
-    from motif_jax.train.optim import make_optimizer
-
-    trainer = straight_run[0]
-    rng = np.random.default_rng(0)
-    rows = collate(_random_groups(rng, 2, 8), trainer.cfg.seq_len, 0)
-    # A proximal policy != behaviour policy so clipping, dual clip and IS weights are exercised.
-    prox = (rows["behaviour_logp"] + rng.normal(0, 0.5, rows["behaviour_logp"].shape) * rows["loss_mask"])
-    prox = prox.astype(np.float32)
-    params = jax.tree.map(np.asarray, trainer.state.params)
-    tx = make_optimizer(trainer.cfg.optim, trainer.total_steps)
-    kwargs = trainer.cfg.objective.loss_kwargs()
-    kwargs["max_response_len"] = trainer.cfg.max_new_tokens
-    whole = make_update_fn(trainer.graphdef, tx, loss_kwargs=kwargs, temperature=trainer.cfg.temperature)
-    outs = []
-    for fn, m in ((whole, 1), (trainer.update_fn, 2)):
-        batch = {k: rows[k].reshape((m, -1) + rows[k].shape[1:]) for k in BATCH_KEYS}
-        p0 = jax.tree.map(jnp.asarray, params)
-        new, _, metrics = fn(p0, tx.init(p0), batch, prox.reshape(m, -1, prox.shape[-1]), None)
-        outs.append((jax.tree.map(np.asarray, new), {k: float(v) for k, v in metrics.items()}))
-    (p1, m1), (p2, m2) = outs
-    assert m1["tokens"] == m2["tokens"] == float(rows["loss_mask"].sum())
-    assert m1["clip_high_sum"] + m1["clip_low_sum"] > 0 and m1["is_truncated_sum"] > 0
-    for key in ("loss", "grad_norm", "denominator", "clip_high_sum", "is_weight_sum", "approx_kl_sum"):
-        np.testing.assert_allclose(m2[key], m1[key], rtol=2e-4, atol=1e-6, err_msg=key)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
-
-
-def test_update_skips_micro_batches_without_a_policy_gradient(straight_run):
-    """Successes only (negative_weight 0): a micro-batch of failures adds its tokens to the denominator and nothing
-    else, so skipping its passes gives the same update as computing it; a mini-batch of failures changes nothing."""
-    from motif_jax.train.optim import make_optimizer
-
-    trainer = straight_run[0]
-    rng = np.random.default_rng(1)
-    rows = collate(_random_groups(rng, 2, 8), trainer.cfg.seq_len, 0)
-    adv = rows["advantages"].copy()
-    adv[8:] = -np.abs(adv[8:])  # the second micro-batch: failures only
-    assert (adv[:8] > 0).any()
-    tx = make_optimizer(trainer.cfg.optim, trainer.total_steps)
-    kwargs = dataclasses.replace(trainer.cfg.objective, negative_weight=0.0, entropy_coef=0.0).loss_kwargs()
-    kwargs["max_response_len"] = trainer.cfg.max_new_tokens
-    fns = {skip: make_update_fn(trainer.graphdef, tx, loss_kwargs=kwargs, temperature=trainer.cfg.temperature,
-                                skip_inert=skip) for skip in (True, False)}
-    params = jax.tree.map(np.asarray, trainer.state.params)
-
-    def run(skip, advantages):
-        batch = {k: rows[k].reshape((2, 8) + rows[k].shape[1:]) for k in BATCH_KEYS}
-        batch["advantages"] = advantages.reshape(2, 8)
-        p0 = jax.tree.map(jnp.asarray, params)
-        new, _, metrics = fns[skip](p0, tx.init(p0), batch, batch["behaviour_logp"], None)
-        return jax.tree.map(np.asarray, new), {k: float(v) for k, v in metrics.items()}
-
-    (p_skip, m_skip), (p_full, m_full) = run(True, adv), run(False, adv)
-    total_tokens = float(rows["loss_mask"].sum())
-    assert m_skip["denominator"] == m_full["denominator"] == total_tokens
-    assert m_skip["tokens"] == float(rows["loss_mask"][:8].sum()) < m_full["tokens"] == total_tokens
-    np.testing.assert_allclose(m_skip["loss"], m_full["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m_skip["grad_norm"], m_full["grad_norm"], rtol=1e-5)
-    assert m_skip["grad_norm"] > 0
-    for a, b in zip(jax.tree.leaves(p_skip), jax.tree.leaves(p_full)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-    p_none, m_none = run(True, -np.abs(adv))
-    assert m_none["denominator"] == total_tokens and m_none["grad_norm"] == 0.0 and m_none["tokens"] == 0.0
-    for a, b in zip(jax.tree.leaves(p_none), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
+    a, b = _read_metrics(tmp_path / "a")["update"], _read_metrics(straight_dir)["update"]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in a] == [(r["step"], r["loss"], r["grad_norm"]) for r in b]
 
 
 def test_trainer_log_probs_match_the_samplers_at_temperature(straight_run):
     """Behaviour log-probs from generate() == the trainer's fused-kernel log-probs of the same tokens under
     softmax(z / tau) (tau = 0.8 here): |lp - lb| is numerical noise for a policy that has not moved."""
     trainer = straight_run[0]
-    gen = sample_groups(trainer.graphdef, trainer.state.params, trainer.pool_tokens[:4], 8, jax.random.key(7),
-                        trainer.sampling, trainer.tokenizer.pad_id)
-    groups, stats = score_groups(trainer.pool[:4], trainer.pool_tokens[:4], gen, group_size=8,
-                                 tokenizer=trainer.tokenizer, verifiers={"exact": default_verifiers()["exact"]},
-                                 version=3,
+    col = trainer.collector
+    gen = sample_groups(trainer.graphdef, trainer.state.params, col.pool_tokens[:4], 8, jax.random.key(7),
+                        col.sampling, trainer.tokenizer.pad_id)
+    groups, stats = score_groups(col.pool[:4], col.pool_tokens[:4], gen, group_size=8, tokenizer=trainer.tokenizer,
+                                 verifiers={"exact": default_verifiers()["exact"]}, version=3,
                                  group_ids=list("abcd"))
-    assert stats.samples == 32 and [g.prompt_id for g in groups] == [r["id"] for r in trainer.pool[:4]]
+    assert stats.samples == 32 and [g.prompt_id for g in groups] == [r["id"] for r in col.pool[:4]]
     assert all(s.policy_version == 3 and s.finish_reason in ("eos", "length") for g in groups for s in g.samples)
     assert all(s.verifier_status in ("ok", "parse_error") and s.rewards == {"exact": s.reward}
                for g in groups for s in g.samples)
-    rows, _ = trainer._rows(groups)
-    prox = trainer._proximal(rows)
+    rows = round_rows(groups, seq_len=trainer.cfg.seq_len, pad_id=trainer.tokenizer.pad_id,
+                      multiple=trainer.cfg.micro_batch)
+    prox = trainer.proximal_logprobs(rows)
     m = rows["loss_mask"] > 0
     assert m.sum() == stats.length_sum
     np.testing.assert_allclose(prox[m], rows["behaviour_logp"][m], atol=2e-4)
 
 
 def test_prefilter_measures_pass_rates_and_seeds_the_tracker(tmp_path, straight_run):
-    from motif_jax.rl.loop import RLTrainer, load_prompt_records
+    from motif_jax.rl.loop import RLTrainer
     from motif_jax.rl.rollout import measure_pass_rates
 
     trainer = straight_run[0]
-    recs, toks = trainer.pool[:5], trainer.pool_tokens[:5]
+    col = trainer.collector
+    recs, toks = col.pool[:5], col.pool_tokens[:5]
     stats = measure_pass_rates(trainer.graphdef, trainer.state.params, recs, toks, samples=8,
-                               sampling=trainer.sampling, tokenizer=trainer.tokenizer, verifiers=VERIFIERS,
+                               sampling=col.sampling, tokenizer=trainer.tokenizer, verifiers=VERIFIERS,
                                key=jax.random.key(0), batch_prompts=4, success_threshold=0.05)
     assert len(stats) == 5 and all(s["attempts"] == 8 and 0 <= s["successes"] <= 8 for s in stats)
     assert all(s["pass_rate"] == s["successes"] / 8 for s in stats)
@@ -330,7 +439,7 @@ def test_prefilter_measures_pass_rates_and_seeds_the_tracker(tmp_path, straight_
     seeded = RLTrainer(_cfg(tmp_path / "run", prompts=str(path), difficulty=DifficultyConfig(success_threshold=0.05)),
                        verifiers=VERIFIERS)
     for r, s in zip(recs, stats):
-        st = seeded.tracker.stats(r["id"])
+        st = seeded.collector.tracker.stats(r["id"])
         assert (st.attempts, st.successes) == (8, s["successes"])
     seeded.close()
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
@@ -349,11 +458,12 @@ def test_ablation_report_writes_table_json_and_plot(tmp_path):
     base = _cfg(tmp_path, **LOOP)
     cfgs = {v: mod.variant_config(base, v, tmp_path, 1000, 2) for v in mod.VARIANTS}
     assert cfgs["band+reuse"].fresh_groups == 2 and cfgs["band+reuse"].buffer.max_uses == 2
-    assert cfgs["band"].fresh_groups == 4 and cfgs["band"].num_passes == 1 and cfgs["band"].buffer.max_uses == 1
+    assert cfgs["band"].fresh_groups == 4 and cfgs["band"].update.num_passes == 1
+    assert cfgs["band"].buffer.max_uses == 1
     assert not cfgs["plain"].band_filter and not cfgs["plain"].objective.drop_zero_std_groups
     assert all(c.max_rollouts == 1000 for c in cfgs.values())
     # band variants over-generate with the preset's call size; without the band a call samples the fresh groups
-    assert {v: c.rollout_prompts for v, c in cfgs.items()} == {"band+reuse": 4, "band": 4, "reuse": 2, "plain": 4}
+    assert {v: c.prompts_per_call for v, c in cfgs.items()} == {"band+reuse": 4, "band": 4, "reuse": 2, "plain": 4}
     results = {}
     for i, v in enumerate(mod.VARIANTS):
         hist = [{"rollouts": 0, "accuracy": 0.5}, {"rollouts": 500, "accuracy": 0.6 + 0.05 * i},

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from motif_jax.rl.config import RLObjectiveConfig
+from motif_jax.train.step import reduce_stacked
 from motif_jax.rl.objective import (
+    REDUCTIONS,
     finalize_metrics,
     group_advantages,
     policy_loss_terms,
-    reduce_metrics,
     zero_std_groups,
 )
 
@@ -190,7 +191,8 @@ def test_microbatches_sum_to_the_whole_batch(aggregation, ratio_level, is_level)
     assert float(sum(dens)) == pytest.approx(float(den))
     assert float(sum(nums)) == pytest.approx(float(num), rel=1e-5, abs=1e-6)
     assert float(sum(nums) / sum(dens)) == pytest.approx(float(num / den), rel=1e-5, abs=1e-6)
-    whole_m, parts_m = finalize_metrics(met), finalize_metrics(reduce_metrics(mets))
+    stacked = {k: jnp.stack([m[k] for m in mets]) for k in mets[0]}
+    whole_m, parts_m = finalize_metrics(met), finalize_metrics(reduce_stacked(stacked, REDUCTIONS))
     assert whole_m.keys() == parts_m.keys()
     for k in whole_m:
         assert parts_m[k] == pytest.approx(whole_m[k], rel=1e-5, abs=1e-6), k
@@ -242,17 +244,28 @@ def test_approx_kl_metric_is_mean_prox_minus_logp():
 
 def test_group_advantages_grpo_and_dr_grpo():
     r = np.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
-    a = np.asarray(group_advantages(jnp.asarray(r)))
-    np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-5)  # mean .5, std .5
+    a = group_advantages(r, ddof=0)
+    np.testing.assert_allclose(a[0], [1, -1, -1, 1], atol=1e-5)  # mean .5, population std .5
     np.testing.assert_allclose(a[1], 0.0, atol=1e-7)
-    flat = np.asarray(group_advantages(jnp.asarray(r.reshape(-1)), group_size=4))
+    flat = group_advantages(r.reshape(-1), group_size=4, ddof=0)
     np.testing.assert_allclose(flat, a.reshape(-1), atol=1e-7)
-    dr = np.asarray(group_advantages(jnp.asarray(r), normalize_std=False))
+    dr = group_advantages(r, normalize_std=False)
     np.testing.assert_allclose(dr[0], [0.5, -0.5, -0.5, 0.5], atol=1e-7)
-    sample_std = np.asarray(group_advantages(jnp.asarray(r), ddof=1))
-    np.testing.assert_allclose(sample_std[0], (r[0] - 0.5) / (np.std(r[0], ddof=1) + 1e-6), rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(zero_std_groups(jnp.asarray(r))), [False, True])
+    np.testing.assert_array_equal(zero_std_groups(r), [False, True])
     with pytest.raises(ValueError, match="group_size"):
-        group_advantages(jnp.asarray(r.reshape(-1)), group_size=3)
+        group_advantages(r.reshape(-1), group_size=3)
     with pytest.raises(ValueError, match="group_size"):
-        group_advantages(jnp.asarray(r.reshape(-1)))
+        group_advantages(r.reshape(-1))
+
+
+def test_group_advantages_default_to_the_sample_std_as_trl_and_verl():
+    """TRL and verl normalise by torch's (unbiased) std: the default equals that to 1e-6 at G = 8."""
+    import torch
+
+    rewards = np.random.default_rng(0).integers(0, 2, (16, 8)).astype(np.float32)
+    rewards[0] = [1, 0, 0, 0, 0, 0, 0, 0]
+    t = torch.from_numpy(rewards)
+    peer = ((t - t.mean(dim=1, keepdim=True)) / (t.std(dim=1, keepdim=True) + 1e-6)).numpy()
+    np.testing.assert_allclose(group_advantages(rewards, eps=1e-6), peer, rtol=1e-6, atol=1e-6)
+    pop = group_advantages(rewards[:1], ddof=0)
+    np.testing.assert_allclose(pop / group_advantages(rewards[:1]), np.sqrt(8 / 7), rtol=1e-5)  # 1.069x

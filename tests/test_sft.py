@@ -84,7 +84,7 @@ def final_state(run_dir: Path) -> dict:
     step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     with ocp.StandardCheckpointer() as c:
         restored = c.restore(ckpt / str(step) / "state")
-    return jax.tree.map(np.asarray, restored)
+    return jax.tree.map(np.asarray, restored["train"])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_resume_is_bit_exact(tmp_path, compile_cache, eight_devices, capsys):
 
     split = tmp_path / "split"
     first = run_sft(make_cfg(split, 2 * n, stop_after_steps=n))
-    assert first == {"status": "stopped", "step": n}
+    assert first == {"status": "stopped", "steps": n}
     assert not (split / "final").exists() and not (split / "summary.json").exists()
     capsys.readouterr()
     second = run_sft(make_cfg(split, 2 * n, stop_after_steps=n))  # the same command again: runs the rest, finishes

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from motif_jax.config import ConfigError, _require  # noqa: F401  (ConfigError re-exported for callers)
+from motif_jax.config import ConfigError, require  # noqa: F401  (ConfigError re-exported for callers)
 
 SourceFormat = Literal["auto", "jsonl", "parquet", "arrayrecord"]
 OnError = Literal["raise", "skip"]
@@ -95,36 +95,36 @@ class DataConfig:
     """Curriculum stages (sources, seq_len, batch_size, steps); empty = one stage from the fields above."""
 
     def __post_init__(self) -> None:
-        _require(self.seq_len >= 2, "data.seq-len", f"must be >= 2, got {self.seq_len}")
-        _require(self.batch_size >= 1, "data.batch-size", f"must be >= 1, got {self.batch_size}")
+        require(self.seq_len >= 2, "data.seq-len", f"must be >= 2, got {self.seq_len}")
+        require(self.batch_size >= 1, "data.batch-size", f"must be >= 1, got {self.batch_size}")
         _check_sources(self.sources, "data.sources")
-        _require(bool(self.tokenizer), "data.tokenizer", "give 'byte' or a path to a tokenizer.json")
-        _require(self.on_error in ("raise", "skip"), "data.on-error", f"must be raise or skip, got {self.on_error!r}")
-        _require(self.too_long in ("raise", "skip", "truncate"), "data.too-long",
+        require(bool(self.tokenizer), "data.tokenizer", "give 'byte' or a path to a tokenizer.json")
+        require(self.on_error in ("raise", "skip"), "data.on-error", f"must be raise or skip, got {self.on_error!r}")
+        require(self.too_long in ("raise", "skip", "truncate"), "data.too-long",
                  f"must be raise, skip or truncate, got {self.too_long!r}")
-        _require(self.max_record_tokens >= 0, "data.max-record-tokens", "must be >= 0 (0 = seq_len)")
-        _require(self.min_record_tokens >= 0, "data.min-record-tokens", "must be >= 0")
-        _require(self.max_record_tokens == 0 or self.min_record_tokens <= self.max_record_tokens,
+        require(self.max_record_tokens >= 0, "data.max-record-tokens", "must be >= 0 (0 = seq_len)")
+        require(self.min_record_tokens >= 0, "data.min-record-tokens", "must be >= 0")
+        require(self.max_record_tokens == 0 or self.min_record_tokens <= self.max_record_tokens,
                  "data.min-record-tokens", "must not exceed --data.max-record-tokens")
         if self.min_score is not None or self.max_score is not None:
-            _require(bool(self.score_key), "data.score-key", "set the score name that --data.min-score/max-score "
+            require(bool(self.score_key), "data.score-key", "set the score name that --data.min-score/max-score "
                      "filter on (a key of the records' 'scores' object)")
         if self.min_score is not None and self.max_score is not None:
-            _require(self.min_score <= self.max_score, "data.min-score", "must be <= --data.max-score")
-        _require(self.num_epochs is None or self.num_epochs >= 1, "data.num-epochs", "must be >= 1 or None (forever)")
-        _require(self.packing in ("first_fit", "best_fit"), "data.packing", "must be first_fit or best_fit")
-        _require(self.packing_bins >= 0, "data.packing-bins", "must be >= 0 (0 = auto)")
-        _require(self.read_threads >= 0, "data.read-threads", "must be >= 0")
-        _require(self.read_buffer >= 1, "data.read-buffer", "must be >= 1")
-        _require(self.prefetch_workers >= 0, "data.prefetch-workers", "must be >= 0")
-        _require(self.prefetch_buffer >= 1, "data.prefetch-buffer", "must be >= 1")
+            require(self.min_score <= self.max_score, "data.min-score", "must be <= --data.max-score")
+        require(self.num_epochs is None or self.num_epochs >= 1, "data.num-epochs", "must be >= 1 or None (forever)")
+        require(self.packing in ("first_fit", "best_fit"), "data.packing", "must be first_fit or best_fit")
+        require(self.packing_bins >= 0, "data.packing-bins", "must be >= 0 (0 = auto)")
+        require(self.read_threads >= 0, "data.read-threads", "must be >= 0")
+        require(self.read_buffer >= 1, "data.read-buffer", "must be >= 1")
+        require(self.prefetch_workers >= 0, "data.prefetch-workers", "must be >= 0")
+        require(self.prefetch_buffer >= 1, "data.prefetch-buffer", "must be >= 1")
         for i, st in enumerate(self.stages):
             flag = f"data.stages[{i}]"
             _check_sources(st.sources, f"{flag}.sources")
-            _require(st.seq_len == 0 or st.seq_len >= 2, f"{flag}.seq-len", "must be >= 2 (or 0: inherit)")
-            _require(st.batch_size >= 0, f"{flag}.batch-size", "must be >= 0 (0: inherit)")
-            _require(st.steps >= 0, f"{flag}.steps", "must be >= 0")
-            _require(st.steps > 0 or i == len(self.stages) - 1, f"{flag}.steps",
+            require(st.seq_len == 0 or st.seq_len >= 2, f"{flag}.seq-len", "must be >= 2 (or 0: inherit)")
+            require(st.batch_size >= 0, f"{flag}.batch-size", "must be >= 0 (0: inherit)")
+            require(st.steps >= 0, f"{flag}.steps", "must be >= 0")
+            require(st.steps > 0 or i == len(self.stages) - 1, f"{flag}.steps",
                      "every stage but the last needs a positive number of steps")
 
     def resolved_stages(self) -> tuple[StageConfig, ...]:
@@ -148,8 +148,8 @@ class DataConfig:
 
 def _check_sources(sources: tuple[SourceConfig, ...], flag: str) -> None:
     for j, s in enumerate(sources):
-        _require(isinstance(s, SourceConfig), flag, f"entry {j} must be a mapping with path/weight/format")
-        _require(bool(s.path), f"{flag}[{j}].path", "must not be empty")
-        _require(math.isfinite(s.weight) and s.weight > 0, f"{flag}[{j}].weight", f"must be > 0, got {s.weight}")
-        _require(s.format in ("auto", "jsonl", "parquet", "arrayrecord"), f"{flag}[{j}].format",
+        require(isinstance(s, SourceConfig), flag, f"entry {j} must be a mapping with path/weight/format")
+        require(bool(s.path), f"{flag}[{j}].path", "must not be empty")
+        require(math.isfinite(s.weight) and s.weight > 0, f"{flag}[{j}].weight", f"must be > 0, got {s.weight}")
+        require(s.format in ("auto", "jsonl", "parquet", "arrayrecord"), f"{flag}[{j}].format",
                  "must be auto, jsonl, parquet or arrayrecord")

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from motif_jax.config import ConfigError, _require
+from motif_jax.config import ConfigError, require
 from motif_jax.data.config import DataConfig, SourceConfig, StageConfig
 from motif_jax.data.records import (
     MemoryReader,
@@ -242,9 +242,9 @@ class DataPipeline:
         self.stages = cfg.resolved_stages()
         for i, st in enumerate(self.stages):
             own = cfg.stages[i] if cfg.stages else StageConfig()
-            _require(bool(st.sources), f"data.stages[{i}].sources" if cfg.stages else "data.sources",
+            require(bool(st.sources), f"data.stages[{i}].sources" if cfg.stages else "data.sources",
                      "no data sources: give at least one {path, weight}")
-            _require(st.batch_size % shard_count == 0,
+            require(st.batch_size % shard_count == 0,
                      f"data.stages[{i}].batch-size" if own.batch_size else "data.batch-size",
                      f"the global batch size {st.batch_size} must be divisible by the number of hosts {shard_count}")
         self._scans: dict[tuple[str, str], SourceIndex] = {}

@@ -16,7 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 from motif_jax.config import ModelConfig
 from motif_jax.model import remat
 from motif_jax.model.attention import attend
-from motif_jax.parallel import context
+from motif_jax.model.context_attention import context_parallel_attention
+from motif_jax.parallel.context import active_context_mesh
 from motif_jax.parallel.rules import constrain
 
 ACT = ("batch", "length", "embed")  # logical names of the residual stream
@@ -124,11 +125,11 @@ class Attention(nnx.Module):
             kv_seg, kv_pos = kv_cache["segment_ids"], kv_cache["positions"]
             k, v = k.astype(q.dtype), v.astype(q.dtype)
 
-        cp = kv_cache is None and context.active_context_mesh() is not None  # sequence sharded over `context`
+        cp = kv_cache is None and active_context_mesh() is not None  # sequence sharded over `context`
 
         def sdpa(q_, k_, v_):
             if cp:
-                return context.context_parallel_attention(
+                return context_parallel_attention(
                     q_, k_, v_, segment_ids, kv_seg, positions, kv_pos,
                     impl=cfg.attention_impl, block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
                 )

@@ -7,9 +7,12 @@ backward pass (everything else is recomputed), or moved to host memory. Policies
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Callable
 
 import jax
+
+from motif_jax.config import RematPolicy
 
 # Names the layers tag (see motif_jax.model.layers). Stable: configs refer to them.
 QUERY_PROJ = "query_proj"
@@ -46,6 +49,10 @@ REMAT_POLICIES: dict[str, Any] = {
         offload_dst="pinned_host",
     ),
 }
+
+
+if set(REMAT_POLICIES) != set(typing.get_args(RematPolicy)):  # the config's Literal lists exactly these names
+    raise ImportError(f"RematPolicy in motif_jax.config does not list the policies {sorted(REMAT_POLICIES)}")
 
 
 def apply_remat(fn: Callable, policy_name: str, static_argnums: tuple[int, ...] = ()) -> Callable:

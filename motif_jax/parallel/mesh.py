@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from motif_jax.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, _require
+from motif_jax.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, require
 from motif_jax.parallel import rules as rules_lib
+from motif_jax.parallel.context import context_strategy
 
 __all__ = [
     "activate",
@@ -40,7 +41,7 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     """Total size of every axis (ICI x DCN) for ``num_devices`` devices; -1 in the ICI sizes is filled."""
     dcn = mesh_cfg.dcn_shape()
     slices = math.prod(dcn.values())
-    _require(
+    require(
         num_devices % slices == 0,
         "mesh.dcn-data",
         f"{num_devices} devices cannot form {slices} nodes/slices (product of the dcn_* sizes {dcn})",
@@ -136,25 +137,25 @@ def validate_mesh(
         checks += [("model.num-heads", model_cfg.num_query_groups, "differential query groups"),
                    ("model.num-kv-heads", model_cfg.num_kv_groups, "differential key/value pairs")]
     for flag, n, what in checks:
-        _require(
+        require(
             n % tp == 0,
             "mesh.tensor",
             f"the tensor axis (size {tp}) must divide the {n} {what}; change --mesh.tensor (or --{flag})",
         )
-    _require(
+    require(
         model_cfg.vocab_size % tp == 0,
         "mesh.tensor",
         f"the tensor axis (size {tp}) must divide the vocabulary ({model_cfg.vocab_size}); the LM-head loss splits "
         "the vocabulary over it (pad --model.vocab-size or change --mesh.tensor)",
     )
-    _require(
+    require(
         model_cfg.mlp_dim % tp == 0,
         "mesh.tensor",
         f"the tensor axis (size {tp}) must divide --model.mlp-dim ({model_cfg.mlp_dim})",
     )
     if seq_len is not None and cp > 1:
         unit = 2 * cp if mesh_cfg.context_load_balance else cp
-        _require(
+        require(
             seq_len % unit == 0,
             seq_flag,
             f"sequence length {seq_len} must be divisible by {unit} (context axis {cp}"
@@ -163,8 +164,8 @@ def validate_mesh(
         )
     if global_batch is not None:
         dp = shape["data"] * shape["fsdp"]
-        _require(num_microbatches >= 1, "train.num-microbatches", "must be >= 1")
-        _require(
+        require(num_microbatches >= 1, "train.num-microbatches", "must be >= 1")
+        require(
             global_batch % (dp * num_microbatches) == 0,
             batch_flag,
             f"global batch {global_batch} must be divisible by data x fsdp = {dp}"
@@ -280,8 +281,6 @@ def activate(mesh: Mesh, mesh_cfg: MeshConfig | None = None) -> Iterator[None]:
     Inside: ``constrain`` shards activations by the rules, and attention runs context-parallel when the mesh's
     ``context`` axis is larger than 1.
     """
-    from motif_jax.parallel.context import context_strategy
-
     mesh_cfg = mesh_cfg or MeshConfig()
     with jax.set_mesh(mesh), rules_lib.axis_rules(mesh_cfg.logical_rules), context_strategy(
         mesh_cfg.context_strategy

@@ -22,9 +22,12 @@ import numpy as np
 
 from motif_jax.rl.config import BufferConfig
 
-__all__ = ["Group", "MiniBatch", "Trajectory", "TrajectoryBuffer", "assign_advantages", "collate"]
+__all__ = ["Group", "MiniBatch", "Trajectory", "TrajectoryBuffer", "collate"]
 
 _STATE_VERSION = 1
+# dtype of every array of the checkpoint schema (state_dict / checkpoint_arrays)
+ARRAY_DTYPES = {"prompt_tokens": np.int32, "response_tokens": np.int32, "loss_mask": np.bool_,
+                "behaviour_logp": np.float32, "prompt_lengths": np.int64, "response_lengths": np.int64}
 
 
 @dataclasses.dataclass
@@ -98,20 +101,6 @@ class Group:
     def advantages(self) -> np.ndarray:
         """[G] stored advantages."""
         return np.array([s.advantage for s in self.samples], dtype=np.float32)
-
-
-def assign_advantages(group: Group, *, normalize_std: bool = True, eps: float = 1e-6, ddof: int = 0) -> Group:
-    """Set each sample's advantage from the complete group's rewards (GRPO, or Dr. GRPO with normalize_std=False).
-
-    Same formula as ``objective.group_advantages`` (numpy, no device round trip). Returns the same group.
-    """
-    r = group.rewards
-    adv = r - r.mean()
-    if normalize_std:
-        adv = adv / (r.std(ddof=ddof) + eps)
-    for s, a in zip(group.samples, adv):
-        s.advantage = float(np.float32(a))
-    return group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +287,25 @@ class TrajectoryBuffer:
             "response_lengths": np.array([s.response_tokens.shape[0] for s in samples], dtype=np.int64),
         }
 
+    # Orbax checkpoints: arrays in the "state" item, metadata and sizes in the JSON "extra" item. Each array gets one
+    # trailing element: zero-length arrays do not round-trip through every storage backend.
+    def checkpoint_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays for the checkpoint's array item, JSON metadata for its extra item)."""
+        state = self.state_dict()
+        arrays = {k: np.concatenate([state[k], np.zeros((1,), dt)]) for k, dt in ARRAY_DTYPES.items()}
+        return arrays, {"meta_json": state["meta_json"], "sizes": {k: int(state[k].shape[0]) for k in ARRAY_DTYPES}}
+
+    @staticmethod
+    def abstract_checkpoint_arrays(meta: dict[str, Any], sharding: Any) -> dict[str, Any]:
+        """Restore targets (ShapeDtypeStructs placed by ``sharding``) of the arrays :meth:`checkpoint_arrays` saved."""
+        import jax
+
+        return {k: jax.ShapeDtypeStruct((meta["sizes"][k] + 1,), dt, sharding=sharding)
+                for k, dt in ARRAY_DTYPES.items()}
+
+    def load_checkpoint(self, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.load_state_dict({"meta_json": meta["meta_json"], **{k: np.asarray(v)[:-1] for k, v in arrays.items()}})
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state written by :meth:`state_dict` (replaces the buffer's contents)."""
         meta_raw = state["meta_json"]
@@ -352,13 +360,13 @@ def collate(
 ) -> dict[str, np.ndarray]:
     """Pad whole groups into fixed-shape arrays for a jitted update (next-token convention).
 
-    Each sample becomes one row ``inputs = prompt + response`` (right-padded with ``pad_id`` to ``max_len`` = T).
-    Per-token arrays are aligned with ``targets`` (``targets[t] = inputs[t + 1]``), i.e. with the logits the model
+    Each sample becomes one row ``tokens = prompt + response`` (right-padded with ``pad_id`` to ``max_len`` = T).
+    Per-token arrays are aligned with ``targets`` (``targets[t] = tokens[t + 1]``), i.e. with the logits the model
     produces at position t: the log-prob of response token j sits at position ``P - 1 + j``. ``batch_size`` pads the
     batch with empty rows (all-zero mask, ``sample_valid`` False) to a fixed B; default B = number of samples.
 
     Returns (B = rows, T = max_len):
-      inputs [B, T] int32, targets [B, T] int32, positions [B, T] int32 (0..len-1, 0 on padding),
+      tokens [B, T] int32, targets [B, T] int32, positions [B, T] int32 (0..len-1, 0 on padding),
       segment_ids [B, T] int32 (1 on real tokens, 0 on padding), loss_mask [B, T] float32 (aligned with targets),
       behaviour_logp [B, T] float32 (aligned with targets, 0 where masked out), advantages [B] float32,
       rewards [B] float32, prompt_lengths / response_lengths [B] int32, policy_versions [B] int32,
@@ -371,7 +379,7 @@ def collate(
         raise ValueError(f"batch_size={batch_size} is smaller than the {len(samples)} samples of the groups")
     t = max_len
     out = {
-        "inputs": np.full((b, t), pad_id, np.int32),
+        "tokens": np.full((b, t), pad_id, np.int32),
         "targets": np.full((b, t), pad_id, np.int32),
         "positions": np.zeros((b, t), np.int32),
         "segment_ids": np.zeros((b, t), np.int32),
@@ -396,7 +404,7 @@ def collate(
                 "raise max_len (prompt budget + response budget)"
             )
         seq = np.concatenate([s.prompt_tokens, s.response_tokens])
-        out["inputs"][row, :n] = seq
+        out["tokens"][row, :n] = seq
         out["targets"][row, : n - 1] = seq[1:]
         out["positions"][row, :n] = np.arange(n, dtype=np.int32)
         out["segment_ids"][row, :n] = 1

@@ -18,7 +18,7 @@ returns sums, never means, so gradient accumulation gives exactly the whole-batc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -27,13 +27,13 @@ import numpy as np
 
 __all__ = [
     "LOG_RATIO_CLAMP",
-    "METRIC_REDUCTIONS",
+    "METRICS",
+    "REDUCTIONS",
     "aggregation_denominator",
     "finalize_metrics",
     "group_advantages",
     "has_policy_gradient",
     "policy_loss_terms",
-    "reduce_metrics",
     "zero_std_groups",
 ]
 
@@ -42,8 +42,8 @@ LOG_RATIO_CLAMP = 20.0
 Array = jax.Array
 
 
-def _grouped(rewards: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
-    r = jnp.asarray(rewards, dtype=jnp.float32)
+def _grouped(rewards: np.ndarray, group_size: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    r = np.asarray(rewards, dtype=np.float64)
     shape = r.shape
     if r.ndim == 2:
         if group_size is not None and group_size != r.shape[1]:
@@ -60,28 +60,29 @@ def _grouped(rewards: Array, group_size: int | None) -> tuple[Array, tuple[int, 
 
 
 def group_advantages(
-    rewards: Array,
+    rewards: np.ndarray,
     group_size: int | None = None,
     *,
     normalize_std: bool = True,
     eps: float = 1e-6,
-    ddof: int = 0,
-) -> Array:
-    """Group-relative advantages, computed once per complete group.
+    ddof: int = 1,
+) -> np.ndarray:
+    """Group-relative advantages, computed once per complete group (on the host: numpy, float32 result).
 
     rewards: [N, G] or flat [N*G] (then ``group_size=G`` is required; samples of a group are contiguous).
     Returns an array of the same shape: ``(r - mean_g r) / (std_g r + eps)`` (GRPO, ``normalize_std=True``) or
-    ``r - mean_g r`` (Dr. GRPO). ``ddof`` is the std's delta degrees of freedom (0: population std, 1: sample std).
-    A group whose rewards are all equal gets advantages 0 (see :func:`zero_std_groups`).
+    ``r - mean_g r`` (Dr. GRPO). ``ddof`` is the std's delta degrees of freedom: 1 (default) the sample std, as
+    TRL and verl use (torch's ``std``), 0 the population std (advantages sqrt(G / (G - 1)) larger). A group whose
+    rewards are all equal gets advantages 0 (see :func:`zero_std_groups`).
     """
     r, shape = _grouped(rewards, group_size)
     centered = r - r.mean(axis=1, keepdims=True)
     if normalize_std:
         centered = centered / (r.std(axis=1, ddof=ddof, keepdims=True) + eps)
-    return centered.reshape(shape)
+    return centered.reshape(shape).astype(np.float32)
 
 
-def zero_std_groups(rewards: Array, group_size: int | None = None, *, tol: float = 1e-8) -> Array:
+def zero_std_groups(rewards: np.ndarray, group_size: int | None = None, *, tol: float = 1e-8) -> np.ndarray:
     """[N] bool: groups whose rewards are all equal (no learning signal; DAPO drops them)."""
     r, _ = _grouped(rewards, group_size)
     return (r.max(axis=1) - r.min(axis=1)) <= tol
@@ -168,8 +169,8 @@ def policy_loss_terms(
 
     Returns:
       numerator, denominator: scalars; the loss is sum(numerators) / sum(denominators) over micro-batches.
-      metrics: dict of scalars that aggregate across micro-batches with :func:`reduce_metrics` (``*_max`` by max,
-        everything else by sum) and become means with :func:`finalize_metrics`. Token-level metrics count masked
+      metrics: dict of scalars that aggregate across micro-batches by :data:`REDUCTIONS` (``*_max`` by max,
+        everything else by sum; the step engine does it) and become means with :func:`finalize_metrics`. Token-level metrics count masked
         tokens (``tokens``); with sequence-level ratios/weights each token carries its sequence's value.
     """
     if ratio_level not in ("token", "sequence"):
@@ -276,68 +277,39 @@ def policy_loss_terms(
     return numerator, denominator, metrics
 
 
-# metric -> (reduction across micro-batches, count that turns the sum into a mean; None: reported as is)
-METRIC_REDUCTIONS: dict[str, tuple[str, str | None]] = {
-    "tokens": ("sum", None),
-    "sequences": ("sum", None),
-    "loss_sum": ("sum", "tokens"),
-    "clip_high_sum": ("sum", "tokens"),
-    "clip_low_sum": ("sum", "tokens"),
-    "dual_clip_sum": ("sum", "tokens"),
-    "ratio_sum": ("sum", "tokens"),
-    "ratio_max": ("max", None),
-    "is_weight_sum": ("sum", "tokens"),
-    "is_weight_max": ("max", None),
-    "is_truncated_sum": ("sum", "tokens"),
-    "prox_behaviour_absdiff_sum": ("sum", "tokens"),
-    "prox_behaviour_absdiff_max": ("max", None),
-    "approx_kl_sum": ("sum", "tokens"),
-    "advantage_sum": ("sum", "sequences"),
-    "entropy_sum": ("sum", "tokens"),
-    "kl_ref_sum": ("sum", "tokens"),
+# The one metric table: name -> (reduction over micro-batches, count that turns the sum into a mean (None:
+# reported as is), the name reported). Maxima over zero tokens are -inf, means over zero tokens 0.
+METRICS: dict[str, tuple[str, str | None, str]] = {
+    "tokens": ("sum", None, "tokens"),
+    "sequences": ("sum", None, "sequences"),
+    "loss_sum": ("sum", "tokens", "loss_token_mean"),
+    "clip_high_sum": ("sum", "tokens", "clip_frac_high"),
+    "clip_low_sum": ("sum", "tokens", "clip_frac_low"),
+    "dual_clip_sum": ("sum", "tokens", "dual_clip_frac"),
+    "ratio_sum": ("sum", "tokens", "ratio_mean"),
+    "ratio_max": ("max", None, "ratio_max"),
+    "is_weight_sum": ("sum", "tokens", "is_weight_mean"),
+    "is_weight_max": ("max", None, "is_weight_max"),
+    "is_truncated_sum": ("sum", "tokens", "is_truncated_frac"),
+    "prox_behaviour_absdiff_sum": ("sum", "tokens", "prox_behaviour_absdiff_mean"),
+    "prox_behaviour_absdiff_max": ("max", None, "prox_behaviour_absdiff_max"),
+    "approx_kl_sum": ("sum", "tokens", "approx_kl"),
+    "advantage_sum": ("sum", "sequences", "advantage_mean"),
+    "entropy_sum": ("sum", "tokens", "entropy_mean"),
+    "kl_ref_sum": ("sum", "tokens", "kl_ref_mean"),
 }
+REDUCTIONS = {name: how for name, (how, _, _) in METRICS.items()}
 
 
-def reduce_metrics(parts: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
-    """Combine the metrics of several micro-batches (or devices): sums add, ``*_max`` take the maximum."""
-    if not parts:
-        return {}
-    out: dict[str, Array] = {}
-    for key in parts[0]:
-        vals = jnp.stack([jnp.asarray(p[key]) for p in parts])
-        how = METRIC_REDUCTIONS.get(key, ("sum", None))[0]
-        out[key] = vals.max() if how == "max" else vals.sum()
-    return out
-
-
-def finalize_metrics(metrics: Mapping[str, Array]) -> dict[str, float]:
-    """Turn (reduced) sums into means: ``clip_high_sum`` -> ``clip_frac_high`` etc.; maxima and counts pass through.
-
-    Names: tokens, sequences, loss_token_mean, clip_frac_high, clip_frac_low, dual_clip_frac, ratio_mean, ratio_max,
-    is_weight_mean, is_weight_max, is_truncated_frac, prox_behaviour_absdiff_mean / _max, approx_kl, advantage_mean,
-    entropy_mean, kl_ref_mean. Means over zero tokens are 0; maxima over zero tokens are -inf.
-    """
-    rename = {
-        "loss_sum": "loss_token_mean",
-        "clip_high_sum": "clip_frac_high",
-        "clip_low_sum": "clip_frac_low",
-        "dual_clip_sum": "dual_clip_frac",
-        "ratio_sum": "ratio_mean",
-        "is_weight_sum": "is_weight_mean",
-        "is_truncated_sum": "is_truncated_frac",
-        "prox_behaviour_absdiff_sum": "prox_behaviour_absdiff_mean",
-        "approx_kl_sum": "approx_kl",
-        "advantage_sum": "advantage_mean",
-        "entropy_sum": "entropy_mean",
-        "kl_ref_sum": "kl_ref_mean",
-    }
+def finalize_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Reduced sums -> means by :data:`METRICS` (``clip_high_sum`` -> ``clip_frac_high`` ...); maxima, counts and
+    names the table does not know (the engine's loss, grad_norm, ...) pass through."""
     out: dict[str, float] = {}
     for key, val in metrics.items():
-        how, count = METRIC_REDUCTIONS.get(key, ("sum", None))
+        _, count, name = METRICS.get(key, ("sum", None, key))
         v = float(np.asarray(val))
         if count is not None:
             c = float(np.asarray(metrics[count]))
-            out[rename.get(key, key)] = v / c if c > 0 else 0.0
-        else:
-            out[key] = v
+            v = v / c if c > 0 else 0.0
+        out[name] = v
     return out

@@ -12,7 +12,6 @@ from the previous complete step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import threading
@@ -23,18 +22,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from motif_jax.config import _require
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    save_every: int = 100  # steps between saves (0: only the final / SIGTERM save)
-    keep: int = 3  # newest complete checkpoints kept
-    async_save: bool = True
-
-    def __post_init__(self) -> None:
-        _require(self.save_every >= 0, "checkpoint.save-every", "must be >= 0")
-        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+from motif_jax.config import ModelConfig
+from motif_jax.convert.mapping import config_from_hf
+from motif_jax.convert.pretrained import check_same_architecture, is_hf_dir, load_config, load_params, save_params
+from motif_jax.train.config import CheckpointConfig
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -108,6 +99,11 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], (restored["extra"] if with_extra else None)
 
+    def read_extra(self, step: int) -> dict[str, Any]:
+        """The ``extra`` item of ``step`` alone (it can size the other items before their restore)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return dict(out["extra"])
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -160,8 +156,6 @@ def save_policy(directory: str | Path, model_cfg: Any, params: Any, tokenizer: s
     The layout is the ``--init-from`` one of :mod:`motif_jax.convert.pretrained` (model.yaml, params/, tokenizer
     files) plus policy.json naming the tokenizer and where the policy came from.
     """
-    from motif_jax.convert.pretrained import save_params
-
     tok_dir = None
     if tokenizer != "byte":
         tok_dir = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
@@ -174,8 +168,6 @@ def save_policy(directory: str | Path, model_cfg: Any, params: Any, tokenizer: s
 
 def resolve_policy_dir(path: str | Path) -> Path:
     """The policy directory behind ``path``: itself, its ``final/``, or a Hugging Face model directory."""
-    from motif_jax.convert.pretrained import is_hf_dir
-
     path = Path(path).absolute()
     for candidate in (path, path / "final"):
         if ((candidate / "model.yaml").is_file() and (candidate / "params").is_dir()) or is_hf_dir(candidate):
@@ -187,16 +179,27 @@ def resolve_policy_dir(path: str | Path) -> Path:
     )
 
 
-def load_policy(path: str | Path, shardings: Any = None) -> tuple[Any, Any, str]:
-    """-> (ModelConfig, parameter nnx.State, tokenizer spec) from a policy, run or Hugging Face directory.
-
-    ``shardings``: an optional pytree of NamedShardings matching the parameter State, to restore each array
-    straight into its place on a mesh (no host copy of the whole model).
-    """
-    from motif_jax.convert.pretrained import load_params
-
-    directory = resolve_policy_dir(path)
-    model_cfg, params = load_params(directory, shardings=shardings)
+def policy_model_config(directory: Path) -> tuple[ModelConfig, str]:
+    """(the ModelConfig saved in a resolved policy directory, its tokenizer spec), reading no parameters."""
+    if is_hf_dir(directory):
+        model_cfg, _ = config_from_hf(json.loads((directory / "config.json").read_text()))
+    else:
+        model_cfg = load_config(directory)
     meta = json.loads((directory / "policy.json").read_text()) if (directory / "policy.json").is_file() else {}
     tok = meta.get("tokenizer") or ("tokenizer.json" if (directory / "tokenizer.json").is_file() else "byte")
-    return model_cfg, params, tok if tok == "byte" else str(directory / tok)
+    return model_cfg, tok if tok == "byte" else str(directory / tok)
+
+
+def load_policy_params(directory: Path, model_cfg: ModelConfig, shardings: Any = None) -> Any:
+    """The parameters of a resolved policy directory, restored straight into ``shardings`` (a State of
+    NamedShardings; no host copy of the whole model). ``model_cfg`` must have the policy's architecture."""
+    loaded_cfg, params = load_params(directory, shardings=shardings)
+    check_same_architecture(loaded_cfg, model_cfg)
+    return params
+
+
+def load_policy(path: str | Path, shardings: Any = None) -> tuple[ModelConfig, Any, str]:
+    """-> (ModelConfig, parameter nnx.State, tokenizer spec) from a policy, run or Hugging Face directory."""
+    directory = resolve_policy_dir(path)
+    model_cfg, tok = policy_model_config(directory)
+    return model_cfg, load_policy_params(directory, model_cfg, shardings), tok

@@ -1,15 +1,31 @@
-"""Configuration of the optimizer and of the core train step (shared by SFT and RL trainers)."""
+"""Configuration shared by every trainer: optimizer, the step engine, evaluation, checkpoints and the run itself.
+
+:class:`RunConfig` holds what SFT (``motif_jax.train.sft.SFTConfig``) and RL (``motif_jax.rl.config.RLConfig``)
+have in common, with one name and one unit each (``--train.num-microbatches``, ``--eval.every``, ``--log-every``,
+``--max-minutes`` ...); both subclass it and add their own sections.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import math
+from typing import ClassVar, Literal
 
-from motif_jax.config import _require
+from motif_jax.config import DistributedConfig, MeshConfig, ModelConfig, check_choices, require
 
 OptimizerName = Literal["adamw", "muon"]
 DecayName = Literal["cosine", "linear", "constant"]
 LossName = Literal["fused", "naive"]
+LossImpl = Literal["auto", "xla", "pallas", "triton"]
+MuDType = Literal["", "float32", "bfloat16"]
+
+
+def require_finite(cfg: object, *names: str) -> None:
+    """Refuses inf / nan in the named float fields (``--optim.lr inf`` would otherwise train on garbage)."""
+    prefix = getattr(cfg, "FLAG_PREFIX", "")
+    for name in names:
+        value = getattr(cfg, name)
+        require(value is None or math.isfinite(value), prefix + name.replace("_", "-"), f"must be finite, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,70 +37,154 @@ class OptimConfig:
     (never to norms, biases, differential-attention lambdas, PolyNorm coefficients or other 1-D parameters).
     """
 
+    FLAG_PREFIX: ClassVar[str] = "optim."
+
     name: OptimizerName = "adamw"
+    """Optimizer: adamw, or muon for the hidden weight matrices (AdamW for the rest)."""
     lr: float = 3e-4
+    """Peak learning rate."""
     warmup_steps: int = 100
+    """Optimizer steps of linear warm-up from 0 to --optim.lr."""
     decay: DecayName = "cosine"
+    """Shape of the decay after warm-up."""
     min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of --optim.lr."""
     b1: float = 0.9
+    """Adam first-moment decay."""
     b2: float = 0.95
+    """Adam second-moment decay."""
     eps: float = 1e-8
+    """Adam epsilon."""
     weight_decay: float = 0.1
-    # clip gradients to this global L2 norm (0: no clipping)
+    """Decoupled weight decay of weight matrices and embeddings."""
     grad_clip: float = 1.0
-    # Muon (name="muon"): momentum and Newton-Schulz steps for the matrices; AdamW with the fields above for the
-    # rest (embeddings, LM head, norms, lambdas). ``muon_lr`` 0 = ``lr``.
+    """Clip gradients to this global L2 norm (0: no clipping)."""
     muon_lr: float = 0.0
+    """Muon learning rate of the matrices (0: --optim.lr)."""
     muon_beta: float = 0.95
+    """Muon momentum."""
     muon_ns_steps: int = 5
-    # dtype of the first moment ("" = the parameter dtype, fp32)
-    mu_dtype: str = ""
+    """Muon Newton-Schulz iterations."""
+    mu_dtype: MuDType = ""
+    """Dtype of the first moment ('' = the parameter dtype, fp32)."""
 
     def __post_init__(self) -> None:
-        _require(self.name in ("adamw", "muon"), "optim.name", f"unknown optimizer {self.name!r}; choose adamw or muon")
-        _require(self.lr > 0, "optim.lr", "must be > 0")
-        _require(self.warmup_steps >= 0, "optim.warmup-steps", "must be >= 0")
-        _require(
-            self.decay in ("cosine", "linear", "constant"),
-            "optim.decay",
-            f"unknown schedule {self.decay!r}; choose cosine, linear or constant",
-        )
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min-lr-ratio", "must be in [0, 1]")
-        _require(0.0 <= self.b1 < 1.0, "optim.b1", "must be in [0, 1)")
-        _require(0.0 <= self.b2 < 1.0, "optim.b2", "must be in [0, 1)")
-        _require(self.eps > 0, "optim.eps", "must be > 0")
-        _require(self.weight_decay >= 0, "optim.weight-decay", "must be >= 0")
-        _require(self.grad_clip >= 0, "optim.grad-clip", "must be >= 0 (0 disables clipping)")
-        _require(self.muon_lr >= 0, "optim.muon-lr", "must be >= 0 (0: use --optim.lr)")
-        _require(0.0 <= self.muon_beta < 1.0, "optim.muon-beta", "must be in [0, 1)")
-        _require(self.muon_ns_steps >= 1, "optim.muon-ns-steps", "must be >= 1")
-        _require(
-            self.mu_dtype in ("", "float32", "bfloat16"), "optim.mu-dtype", "choose '' (param dtype), float32 or bfloat16"
-        )
+        p = self.FLAG_PREFIX
+        check_choices(self)
+        require_finite(self, "lr", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "grad_clip", "muon_lr")
+        require(self.lr > 0, p + "lr", "must be > 0")
+        require(self.warmup_steps >= 0, p + "warmup-steps", "must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, p + "min-lr-ratio", "must be in [0, 1]")
+        require(0.0 <= self.b1 < 1.0, p + "b1", "must be in [0, 1)")
+        require(0.0 <= self.b2 < 1.0, p + "b2", "must be in [0, 1)")
+        require(self.eps > 0, p + "eps", "must be > 0")
+        require(self.weight_decay >= 0, p + "weight-decay", "must be >= 0")
+        require(self.grad_clip >= 0, p + "grad-clip", "must be >= 0 (0 disables clipping)")
+        require(self.muon_lr >= 0, p + "muon-lr", "must be >= 0 (0: use --optim.lr)")
+        require(0.0 <= self.muon_beta < 1.0, p + "muon-beta", "must be in [0, 1)")
+        require(self.muon_ns_steps >= 1, p + "muon-ns-steps", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """The core train step: gradient accumulation and the loss.
+    """The step engine (``motif_jax.train.step``): gradient accumulation and the LM-head loss.
 
-    The global batch of each step is split into ``num_microbatches`` micro-batches run one after another
-    (``lax.scan``); the loss is normalised once by the global number of target tokens. ``loss`` "fused" computes
-    the LM-head cross-entropy with ``kernels.lm_head`` (never [tokens, vocab] logits); "naive" materialises the
-    logits (a baseline for memory comparisons).
+    Each optimizer step's batch is split into ``num_microbatches`` micro-batches run one after another
+    (``lax.scan``); the loss is normalised once by the step's global denominator (target tokens for SFT).
     """
 
+    FLAG_PREFIX: ClassVar[str] = "train."
+
     num_microbatches: int = 1
+    """Micro-batches per optimizer step (gradient accumulation); must divide the step's batch."""
     loss: LossName = "fused"
-    # backend of the fused LM-head kernel: auto | xla | pallas | triton
-    loss_impl: str = "auto"
+    """LM head: fused (kernels.lm_head, never [tokens, vocab] logits) or naive (materialised logits, a baseline)."""
+    loss_impl: LossImpl = "auto"
+    """Backend of the fused LM-head kernel."""
     z_loss: float = 0.0
+    """Weight of the z-loss (mean squared log-sum-exp) added to SFT's cross-entropy."""
 
     def __post_init__(self) -> None:
-        _require(self.num_microbatches >= 1, "train.num-microbatches", "must be >= 1")
-        _require(self.loss in ("fused", "naive"), "train.loss", f"unknown loss {self.loss!r}; choose fused or naive")
-        _require(
-            self.loss_impl in ("auto", "xla", "pallas", "triton"),
-            "train.loss-impl",
-            f"unknown backend {self.loss_impl!r}; choose auto, xla, pallas or triton",
-        )
-        _require(self.z_loss >= 0, "train.z-loss", "must be >= 0")
+        check_choices(self)
+        require_finite(self, "z_loss")
+        require(self.num_microbatches >= 1, "train.num-microbatches", "must be >= 1")
+        require(self.z_loss >= 0, "train.z-loss", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: greedy exact-match accuracy (and, for SFT traces, the masked cross-entropy)."""
+
+    FLAG_PREFIX: ClassVar[str] = "eval."
+
+    heldout: str = ""
+    """Held-out records: a trace / prompt file or a synthetic:...?split=test spec ('' = no evaluation)."""
+    every: int = 0
+    """Steps (SFT) or rounds (RL) between evaluations (0: only at the end, and before RL)."""
+    num_records: int = 200
+    """Held-out records evaluated."""
+    max_new_tokens: int = 96
+    """Generation budget of each greedy answer."""
+    batch_size: int = 64
+    """Records generated at once."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "eval.every", "must be >= 0")
+        require(self.num_records >= 1, "eval.num-records", "must be >= 1")
+        require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch-size", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the run directory (``motif_jax.train.checkpoint``)."""
+
+    save_every: int = 100
+    """Steps (SFT) or rounds (RL) between saves (0: only the final / stop / SIGTERM save)."""
+    keep: int = 3
+    """Newest complete checkpoints kept."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+
+    def __post_init__(self) -> None:
+        require(self.save_every >= 0, "checkpoint.save-every", "must be >= 0")
+        require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every run has: the model, mesh and optimizer, the step engine, evaluation, checkpoints, the loop."""
+
+    model: ModelConfig = ModelConfig()
+    """The model (with --init-from: only the run-time fields dtype, attention_impl, attention blocks, remat_policy
+    and scan_layers apply; the architecture comes from the policy directory)."""
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    optim: OptimConfig = OptimConfig()
+    train: StepConfig = StepConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run_dir: str = "runs/run"
+    """Directory of config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/ and summary.json."""
+    init_from: str = ""
+    """Policy to start from: a policy directory (scripts/convert_hf.py import, or a finished run) or a Hugging Face
+    model directory; the architecture and tokenizer come from it."""
+    seed: int = 0
+    """Seed of the initialisation, the data order and the sampling."""
+    log_every: int = 10
+    """Steps (SFT) or rounds (RL) between metric records and console lines."""
+    max_bad_steps: int = 5
+    """This many optimizer steps in a row with a non-finite loss or gradient stop the run."""
+    stop_after_steps: int = 0
+    """Save and exit (status 'stopped') after this many steps / rounds of this invocation (0: run to the end);
+    re-running the same command resumes. For time-boxed cluster jobs and resume tests."""
+    max_minutes: float = 0.0
+    """Wall-clock budget of the whole run, resumes included: save, evaluate and finish once spent (0: no limit)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "run-dir", "give a directory for logs and checkpoints")
+        require(self.log_every >= 1, "log-every", "must be >= 1")
+        require(self.max_bad_steps >= 1, "max-bad-steps", "must be >= 1")
+        require(self.stop_after_steps >= 0, "stop-after-steps", "must be >= 0 (0: run to the end)")
+        require(math.isfinite(self.max_minutes) and self.max_minutes >= 0, "max-minutes",
+                "must be a finite number >= 0 (0: no limit)")

@@ -27,11 +27,12 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, total_steps: int | None = None, enabled: bool | None = None,
-                 print_every_s: float = 5.0):
+                 print_every_s: float = 5.0, unit: str = "step"):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.print_every_s = print_every_s
+        self.unit = unit
         self._last_print = 0.0
         self._start = time.time()
         self._first_step: int | None = None
@@ -70,7 +71,7 @@ class MetricsWriter:
             rate = (now - self._start) / (step - self._first_step)
             eta = f" eta={_fmt_seconds(rate * (self.total_steps - step))}"
         total = f"/{self.total_steps}" if self.total_steps else ""
-        print(f"[step {step}{total}] {shown}{eta}", flush=True)
+        print(f"[{self.unit} {step}{total}] {shown}{eta}", flush=True)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,19 +1,27 @@
-"""The core train step: fused LM-head loss, gradient accumulation, mixed precision, skip-on-non-finite, AOT compile.
+"""The step engine shared by SFT and RL: any (numerator, denominator) loss -> one compiled optimizer step.
 
-``loss_fn`` returns (numerator, denominator) sums, never a per-micro-batch mean: the step sums both over its
-micro-batches (``lax.scan``) and divides once, so the loss and its gradient are normalised by the global number of
-target tokens of the step whatever the micro-batching or sharding. Parameters and optimizer state are fp32; the
-model computes in ``ModelConfig.dtype`` (bf16 at scale), casting the weights at use.
+A trainer plugs in a :class:`Loss`: ``fn(params, micro, frozen) -> (numerator, denominator, aux)`` returns sums,
+never a per-micro-batch mean. The step splits the batch into micro-batches (``lax.scan``), sums numerators,
+denominators, gradients and aux metrics over them and divides once, so loss and gradient are normalised by the
+step's global denominator whatever the micro-batching or sharding. The engine also owns what every trainer needs
+and nobody should write twice:
 
-``compile_train_step`` jits with explicit in/out shardings and the state donated, compiles before step 1
-(``.lower(...).compile()``) and reports the per-device memory; the memory planner uses the same path with abstract
-(ShapeDtypeStruct) inputs.
+- skipping micro-batches without a gradient: a loss may supply ``skip(micro) -> (has_gradient, denominator)``;
+  micro-batches without a gradient add only their denominator (``lax.cond``: no forward or backward pass);
+- mixed precision (fp32 parameters and optimizer state; the model computes in ``ModelConfig.dtype``), the update
+  of a step whose loss or gradient is not finite skipped (optimizer state kept) and reported (``skipped``);
+- clipping and the optimizer (the optax chain), the learning rate of the update, explicit shardings with the state
+  donated, and ``.lower().compile()`` before step 1 with the per-device memory report (the memory planner uses the
+  same path with abstract inputs).
+
+SFT's loss is :func:`lm_loss` (the fused cross-entropy); RL's is ``motif_jax.rl.step.policy_loss``. Both go
+through ``motif_jax.model.lm_head``, vocab-parallel under a mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +29,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from kernels import linear_cross_entropy_sums
 from motif_jax.config import MeshConfig
+from motif_jax.data.pipeline import BATCH_KEYS
+from motif_jax.model.lm_head import cross_entropy_sums
 from motif_jax.parallel import mesh as mesh_lib
-from motif_jax.parallel.context import context_strategy
-from motif_jax.parallel.rules import active_rules, axis_rules, constrain, logical_to_spec
+from motif_jax.parallel.rules import constrain, logical_to_spec
 from motif_jax.train.config import StepConfig
 from motif_jax.train.optim import learning_rate_of
 from motif_jax.train.state import TrainState
@@ -33,79 +41,58 @@ from motif_jax.train.state import TrainState
 __all__ = [
     "BATCH_KEYS",
     "CompiledStep",
+    "Loss",
     "MemoryStats",
     "abstract_batch",
+    "batch_shardings",
     "compile_train_step",
-    "loss_fn",
+    "lm_loss",
+    "make_grad_fn",
     "make_train_step",
     "memory_stats",
+    "reduce_stacked",
 ]
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 Batch = Mapping[str, jax.Array]
+Reduction = Literal["sum", "max"]
 
 
-def _loss_axes(mesh: Any) -> tuple[tuple[str, ...], str | None]:
-    """(token axes, vocab axis) of the LM-head loss from the active rules: tokens = batch + length axes."""
-    rules = active_rules() or MeshConfig().logical_rules
-    tok = []
-    for entry in logical_to_spec(("batch", "length"), rules, mesh.axis_names):
-        if entry is not None:
-            tok.extend((entry,) if isinstance(entry, str) else entry)
-    voc = logical_to_spec(("vocab",), rules, mesh.axis_names)[0]
-    voc = None if voc is None else (voc if isinstance(voc, str) else voc[0])
-    if voc in tok:
-        voc = None
-    return tuple(tok), voc
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss the step engine can run.
 
-
-def loss_fn(
-    params: nnx.State,
-    graphdef: nnx.GraphDef,
-    batch: Batch,
-    *,
-    loss: str = "fused",
-    loss_impl: str = "auto",
-    z_loss: float = 0.0,
-) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-    """Masked next-token cross-entropy as sums: (numerator, (denominator, aux)).
-
-    batch: tokens, targets, loss_mask, segment_ids, positions [B, L] (loss_mask int / bool / float).
-    numerator = sum(mask * nll) (+ z_loss * sum(mask * lse^2)), denominator = sum(mask), both f32.
-    The fused loss goes from the final hidden states and ``output_projection()`` through ``kernels.lm_head``
-    without [tokens, vocab] logits; under a mesh (``jax.set_mesh``) it is the vocab-parallel kernel, tokens split
-    over the batch and length axes and the vocabulary over the ``vocab`` rule's axis. ``loss="naive"`` materialises
-    fp32 logits and log_softmax (baseline for memory comparisons).
+    ``fn(params, micro, frozen) -> (numerator, denominator, aux)``: f32 scalars and a dict of f32 scalar metrics
+    (sums, or maxima where ``reductions`` says "max"); ``frozen`` is the step's third argument (e.g. RL's reference
+    parameters) or None. ``skip(micro) -> (has_gradient, denominator)`` (optional): a micro-batch whose
+    ``has_gradient`` is False contributes only ``denominator`` (it must equal ``fn``'s) and no gradient.
+    ``keys``: the batch arrays the loss reads (everything else is dropped before the step).
     """
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-    w = model.output_projection()
-    b, t, d = hidden.shape
-    x = hidden.reshape(b * t, d)
-    targets = batch["targets"].reshape(b * t).astype(jnp.int32)
-    mask = batch["loss_mask"].reshape(b * t).astype(jnp.float32)
-    if loss == "naive":
-        logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        safe = jnp.where(mask > 0, targets, 0)
-        logp = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0] - lse
-        nll_sum = -jnp.sum(mask * logp)
-        num = nll_sum + z_loss * jnp.sum(mask * lse * lse) if z_loss else nll_sum
-        return num, (jnp.sum(mask), {"nll_sum": jax.lax.stop_gradient(nll_sum)})
-    if loss != "fused":
-        raise ValueError(f"unknown loss {loss!r}; choose fused or naive (--train.loss)")
-    mesh = jax.sharding.get_abstract_mesh()
-    kw: dict[str, Any] = {}
-    if mesh is not None and not mesh.empty and mesh.size > 1:
-        tok, voc = _loss_axes(mesh)
-        if voc is not None:
-            kw = dict(mesh=mesh, token_axes=tok, vocab_axis=voc)
-    num, den, aux = linear_cross_entropy_sums(x, w, targets, mask, z_loss=z_loss, impl=loss_impl, **kw)
-    return num, (den, {"nll_sum": aux["nll_sum"]})
+
+    fn: Callable[[nnx.State, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+    keys: tuple[str, ...] = BATCH_KEYS
+    reductions: Mapping[str, Reduction] = dataclasses.field(default_factory=dict)
+    skip: Callable[[Batch], tuple[jax.Array, jax.Array]] | None = None
+
+
+def lm_loss(graphdef: nnx.GraphDef, step_cfg: StepConfig = StepConfig()) -> Loss:
+    """SFT's loss: masked next-token cross-entropy through the fused LM head; aux ``nll_sum``."""
+
+    def fn(params, micro, frozen):
+        del frozen
+        model = nnx.merge(graphdef, params)
+        return cross_entropy_sums(model, micro, impl=step_cfg.loss_impl, head=step_cfg.loss, z_loss=step_cfg.z_loss)
+
+    return Loss(fn=fn)
+
+
+def reduce_stacked(stacked: Mapping[str, jax.Array], reductions: Mapping[str, Reduction]) -> dict[str, jax.Array]:
+    """[M]-stacked per-micro-batch metrics -> one value each: by ``reductions[name]`` ("max"), else summed."""
+    return {k: (v.max(axis=0) if reductions.get(k) == "max" else v.sum(axis=0)) for k, v in stacked.items()}
 
 
 def _split_microbatches(batch: Batch, m: int) -> dict[str, jax.Array]:
-    """[B, L] -> [M, B/M, L] with micro-batch i = rows i, i+M, ...: each device keeps its own rows (no exchange)."""
+    """[B, ...] -> [M, B/M, ...], micro-batch i = rows i, i+M, ...: each device keeps its own rows (no exchange)."""
+
     def split(a):
         b = a.shape[0]
         if b % m:
@@ -115,83 +102,128 @@ def _split_microbatches(batch: Batch, m: int) -> dict[str, jax.Array]:
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    step_cfg: StepConfig = StepConfig(),
-    *,
-    schedule: Callable[[jax.Array], jax.Array] | None = None,
-    mesh_cfg: MeshConfig | None = None,
-    param_shardings: Any = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """train_step(state, batch) -> (new state, metrics); pure, for ``jax.jit``.
+def _row_names(ndim: int) -> tuple[str | None, ...]:
+    """Logical names of a batch array: [B] -> (batch,), [B, T, ...] -> (batch, length, None...)."""
+    return ("batch", "length", *([None] * (ndim - 2)))[:ndim]
 
-    metrics (f32 scalars): loss (global masked mean CE), nll, grad_norm (before clipping), learning_rate (of this
-    update), tokens (target tokens), skipped (1 when the loss or a gradient was not finite: the update is not
-    applied and the optimizer state is kept; the step counter still advances).
-    ``param_shardings`` pins the gradient accumulators to the parameters' layout (FSDP-sharded, not replicated).
+
+def make_grad_fn(
+    loss: Loss, *, num_microbatches: int = 1, param_shardings: Any = None
+) -> Callable[[nnx.State, Batch, Any], tuple[nnx.State, jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """``grad_fn(params, batch, frozen) -> (grads, loss, denominator, aux)``: the step's accumulation alone.
+
+    Sums (numerator, denominator, gradient, aux) over ``num_microbatches`` micro-batches of ``batch`` (skipping
+    those ``loss.skip`` says have no gradient) and divides once: grads and loss are those of
+    ``sum(numerators) / sum(denominators)`` over the whole batch (zero for a denominator of 0). ``param_shardings``
+    pins the gradient accumulators to the parameters' layout (FSDP-sharded, not replicated).
     """
-    mesh_cfg = mesh_cfg or MeshConfig()
-    lf = jax.value_and_grad(
-        lambda p, mb: loss_fn(p, graphdef, mb, loss=step_cfg.loss, loss_impl=step_cfg.loss_impl,
-                              z_loss=step_cfg.z_loss),
-        has_aux=True,
-    )
+    value_and_grad = jax.value_and_grad(lambda p, mb, fr: _pack(loss.fn(p, mb, fr)), has_aux=True)
 
     def pin(tree):
         if param_shardings is None:
             return tree
         return jax.tree.map(jax.lax.with_sharding_constraint, tree, param_shardings)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        with axis_rules(mesh_cfg.logical_rules), context_strategy(mesh_cfg.context_strategy):
-            batch = {k: batch[k] for k in BATCH_KEYS}
-            batch["loss_mask"] = batch["loss_mask"].astype(jnp.float32)
-            m = step_cfg.num_microbatches
-            if m == 1:
-                (num, (den, aux)), grads = lf(state.params, batch)
-                nll = aux["nll_sum"]
-            else:
-                micro = _split_microbatches(batch, m)
+    def one_micro(params, micro, frozen):
+        (num, (den, aux)), grads = value_and_grad(params, micro, frozen)
+        return grads, num, den, aux
 
-                def body(carry, mb):
-                    g_acc, num_acc, den_acc, nll_acc = carry
-                    mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
-                    (num, (den, aux)), g = lf(state.params, mb)
-                    g_acc = pin(jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g))
-                    return (g_acc, num_acc + num, den_acc + den, nll_acc + aux["nll_sum"]), None
+    def grad_fn(params: nnx.State, batch: Batch, frozen: Any = None):
+        batch = {k: batch[k] for k in loss.keys}
+        if num_microbatches == 1:
+            grads, num, den, aux = one_micro(params, batch, frozen)
+        else:
+            def body(g_acc, mb):
+                mb = {k: constrain(v, _row_names(v.ndim)) for k, v in mb.items()}
 
-                zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-                z = jnp.zeros((), jnp.float32)
-                (grads, num, den, nll), _ = jax.lax.scan(body, (zeros, z, z, z), micro)
-            n = jnp.maximum(den, 1.0)
-            grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, state.params)
-            loss = num / n
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            lr = learning_rate_of(state.opt_state, schedule) if schedule is not None else jnp.zeros((), jnp.float32)
-            updates, new_opt = tx.update(grads, state.opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-            new_state = TrainState(
-                step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state)
-            )
-            metrics = {
-                "loss": loss,
-                "nll": nll / n,
-                "grad_norm": grad_norm,
-                "learning_rate": lr,
-                "tokens": den,
-                "skipped": (~ok).astype(jnp.float32),
-            }
-            return new_state, metrics
+                def computed(g_acc):
+                    g, num, den, aux = one_micro(params, mb, frozen)
+                    return pin(jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)), (num, den, aux)
 
-    return train_step
+                if loss.skip is None:
+                    return computed(g_acc)
+                active, den = loss.skip(mb)
+                shapes = jax.eval_shape(loss.fn, params, mb, frozen)[2]
+                empty = {k: jnp.full(s.shape, -jnp.inf if loss.reductions.get(k) == "max" else 0.0, s.dtype)
+                         for k, s in shapes.items()}
+                skipped = lambda g_acc: (g_acc, (jnp.zeros((), jnp.float32), den.astype(jnp.float32), empty))
+                return jax.lax.cond(active, computed, skipped, g_acc)
+
+            zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            grads, (nums, dens, stacked) = jax.lax.scan(body, zeros, _split_microbatches(batch, num_microbatches))
+            num, den, aux = nums.sum(), dens.sum(), reduce_stacked(stacked, loss.reductions)
+        # Divide once by the global denominator; an empty step (denominator 0) gives zero gradients.
+        scale = jnp.where(den > 0, 1.0 / jnp.maximum(den, 1e-12), 0.0)
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+        return grads, num * scale, den, aux
+
+    return grad_fn
+
+
+def make_train_step(
+    loss: Loss,
+    tx: optax.GradientTransformation,
+    *,
+    num_microbatches: int = 1,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    param_shardings: Any = None,
+) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """``step(state, batch, frozen=None) -> (new state, metrics)``; pure, for ``jax.jit`` under an active mesh.
+
+    metrics (f32 scalars): ``loss`` (numerator / denominator), ``denominator``, ``grad_norm`` (before clipping),
+    ``update_norm``, ``learning_rate`` (of this update), ``skipped`` (1 when the loss or a gradient was not finite:
+    parameters and optimizer state are kept, the step counter still advances), plus the loss's aux metrics reduced
+    over micro-batches (see :func:`make_grad_fn`).
+    """
+    grad_fn = make_grad_fn(loss, num_microbatches=num_microbatches, param_shardings=param_shardings)
+
+    def step(state: TrainState, batch: Batch, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, loss_value, den, aux = grad_fn(state.params, batch, frozen)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+        lr = learning_rate_of(state.opt_state, schedule) if schedule is not None else jnp.zeros((), jnp.float32)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state))
+        metrics = {
+            **aux,
+            "loss": loss_value,
+            "denominator": den,
+            "grad_norm": grad_norm,
+            "update_norm": jnp.where(ok, optax.tree.norm(updates), 0.0),
+            "learning_rate": lr,
+            "skipped": (~ok).astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def _pack(out):
+    num, den, aux = out
+    return num, (den, aux)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation and memory analysis
+# Shardings, ahead-of-time compilation and memory analysis
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def batch_shardings(mesh: Mesh, abstract: Mapping[str, Any], rules: Any = None) -> dict[str, NamedSharding]:
+    """NamedSharding of every batch array by its rank: rows over the ``batch`` rule, [B, T] also T over ``length``."""
+    rules = rules if rules is not None else MeshConfig().logical_rules
+    return {k: NamedSharding(mesh, mesh_lib.fit_spec(v.shape, logical_to_spec(_row_names(len(v.shape)), rules,
+                                                                               mesh.axis_names), mesh))
+            for k, v in abstract.items()}
+
+
+def abstract_batch(batch_size: int, seq_len: int, keys: tuple[str, ...] = BATCH_KEYS,
+                   float_keys: tuple[str, ...] = ("loss_mask",)) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a [batch_size, seq_len] batch: int32 ids, float32 for ``float_keys``."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k in float_keys else jnp.int32)
+            for k in keys}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,61 +269,57 @@ def memory_stats(compiled: Any) -> MemoryStats:
 
 @dataclasses.dataclass
 class CompiledStep:
-    fn: Any  # the compiled executable: fn(state, batch) -> (state, metrics); the state is donated
+    """``fn(state, batch[, frozen]) -> (state, metrics)``, compiled for one batch shape; the state is donated."""
+
+    fn: Any
     memory: MemoryStats
+    with_frozen: bool = False
 
-    def __call__(self, state: TrainState, batch: Batch):
-        return self.fn(state, batch)
-
-
-def abstract_batch(
-    batch_size: int, seq_len: int, sharding: NamedSharding | None = None
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of a [batch_size, seq_len] batch (int32 ids, float32 loss mask)."""
-    dtypes = {"loss_mask": jnp.float32}
-    return {
-        k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes.get(k, jnp.int32), sharding=sharding) for k in BATCH_KEYS
-    }
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], frozen: Any = None):
+        return self.fn(state, batch, frozen) if self.with_frozen else self.fn(state, batch)
 
 
 def compile_train_step(
+    loss: Loss,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
     state_shardings: TrainState,
-    batch_shardings: NamedSharding | Mapping[str, NamedSharding],
     abstract_state: TrainState,
     batch: Mapping[str, Any],
-    *,
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
     mesh_cfg: MeshConfig | None = None,
-    step_cfg: StepConfig = StepConfig(),
+    num_microbatches: int = 1,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
     verbose: bool = True,
+    label: str = "train step",
 ) -> CompiledStep:
-    """``jax.jit(train_step, in_shardings, out_shardings, donate_argnums=0).lower(...).compile()``.
+    """``jax.jit(step, in_shardings, out_shardings, donate_argnums=0).lower(...).compile()``.
 
-    abstract_state / batch: arrays or ShapeDtypeStructs giving shapes and dtypes (nothing is allocated here).
-    Prints (``verbose``, process 0) and returns the per-device memory analysis with the executable.
+    abstract_state / batch / frozen: arrays or ShapeDtypeStructs giving shapes and dtypes (nothing is allocated).
+    Batch arrays are sharded by :func:`batch_shardings`; ``frozen`` (e.g. reference parameters) by
+    ``frozen_shardings``. Prints (``verbose``, process 0) and returns the per-device memory with the executable.
     """
     mesh_cfg = mesh_cfg or MeshConfig()
-    if isinstance(batch_shardings, NamedSharding):
-        batch_shardings = {k: batch_shardings for k in BATCH_KEYS}
-    batch = {k: batch[k] for k in BATCH_KEYS}
-    batch_shardings = {k: batch_shardings[k] for k in BATCH_KEYS}
-    step = make_train_step(graphdef, tx, step_cfg, schedule=schedule, mesh_cfg=mesh_cfg,
+    batch = {k: batch[k] for k in loss.keys}
+    b_shardings = batch_shardings(mesh, batch, mesh_cfg.logical_rules)
+    step = make_train_step(loss, tx, num_microbatches=num_microbatches, schedule=schedule,
                            param_shardings=state_shardings.params)
-    rep = mesh_lib.replicated(mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, rep),
-        donate_argnums=0,
-    )
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    args = (jax.tree.map(spec, abstract_state, state_shardings), jax.tree.map(spec, batch, batch_shardings))
+    args = [jax.tree.map(spec, abstract_state, state_shardings), jax.tree.map(spec, batch, b_shardings)]
+    in_shardings = [state_shardings, b_shardings]
+    if frozen is not None:
+        args.append(jax.tree.map(spec, frozen, frozen_shardings))
+        in_shardings.append(frozen_shardings)
+    else:
+        step = (lambda f: lambda state, batch: f(state, batch, None))(step)
+    jitted = jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_shardings,
+                                                                            mesh_lib.replicated(mesh)),
+                     donate_argnums=0)
     with mesh_lib.activate(mesh, mesh_cfg):
         compiled = jitted.lower(*args).compile()
     mem = memory_stats(compiled)
     if verbose and jax.process_index() == 0:
-        print(mem.describe(), flush=True)
-    return CompiledStep(fn=compiled, memory=mem)
+        print(f"{label}: {mem.describe()}", flush=True)
+    return CompiledStep(fn=compiled, memory=mem, with_frozen=frozen is not None)

@@ -1,0 +1,69 @@
+"""Prompt records for generation (RL prompt pools, held-out evaluation): a ``synthetic:...`` spec or a JSONL file.
+
+A JSONL line is a record with ``messages`` (the conversation; a trailing assistant turn is the reference and is
+dropped when prompting, so SFT trace files serve as held-out sets too), or a ``prompt`` / ``question`` string (one
+user turn); ``id`` (default ``<file>:<line>``), ``task`` and the verifier fields (``answer``, ``tests``,
+``constraints``, ...) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from motif_jax.config import ConfigError
+from motif_jax.data.records import TraceFormatError, detect_format, iter_valid, open_reader
+from motif_jax.data.synthetic import is_synthetic_spec, synthetic_records
+
+__all__ = ["load_prompt_records"]
+
+
+def _format(path: Path) -> str:
+    try:
+        return detect_format(path)
+    except TraceFormatError:  # any other name is read as JSON lines
+        return "jsonl"
+
+
+def load_prompt_records(spec: str, *, limit: int | None = None, flag: str = "prompts") -> list[dict[str, Any]]:
+    """Prompt records from a ``synthetic:...`` spec or a JSONL file.
+
+    A JSONL line is a record with ``messages`` (the conversation up to the answer; a trailing assistant turn is the
+    reference and is dropped when prompting), or a ``prompt`` / ``question`` string (one user turn); ``id``
+    (default ``<file>:<line>``), ``task`` and the verifier fields (``answer``, ``tests``, ``constraints``, ...)
+    pass through. Raises ConfigError naming ``--<flag>`` for a missing file or a malformed line.
+    """
+    if is_synthetic_spec(spec):
+        try:
+            records = synthetic_records(spec)
+        except ValueError as e:
+            raise ConfigError(f"--{flag}: {e}") from None
+        return records[:limit] if limit else records
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--{flag}: no such file {spec!r} (give a JSONL file or a synthetic:<task>?... spec)")
+    if _format(path) != "jsonl":  # Parquet / ArrayRecord trace files: validated trace records
+        records = [rec for _, rec in iter_valid(open_reader(path))]
+        return records[:limit] if limit else records
+    records = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--{flag}: {path}:{lineno}: not JSON ({e})") from None
+            if "messages" not in rec:
+                text = rec.get("prompt", rec.get("question"))
+                if not isinstance(text, str):
+                    raise ConfigError(f"--{flag}: {path}:{lineno}: needs 'messages' or a 'prompt' string")
+                rec["messages"] = [{"role": "user", "content": text}]
+            rec.setdefault("id", f"{path.name}:{lineno}")
+            records.append(rec)
+            if limit and len(records) >= limit:
+                break
+    if not records:
+        raise ConfigError(f"--{flag}: {path} holds no records")
+    return records
