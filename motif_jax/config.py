@@ -77,32 +77,51 @@ class ModelConfig:
     FLAG_PREFIX: ClassVar[str] = "model."
 
     vocab_size: int = 272
+    """Rows of the embedding and columns of the LM head (>= the tokenizer's vocabulary)."""
     hidden_size: int = 128
+    """Width of the residual stream."""
     num_layers: int = 2
+    """Decoder blocks."""
     num_heads: int = 4
+    """Query heads (differential: groups of diff_ratio signal heads + 1 noise head)."""
     num_kv_heads: int = 2
+    """Key/value heads (differential: signal/noise pairs)."""
     head_dim: int = 32
+    """Width of one attention head."""
     mlp_dim: int = 512
+    """Hidden width of the MLP."""
     attention: AttentionKind = "standard"
+    """standard (grouped-query) or differential (Motif's grouped differential attention)."""
     diff_ratio: int = 4
+    """Signal heads per noise head of differential attention."""
     mlp: MlpKind = "swiglu"
+    """MLP kind: swiglu, or polynorm (Motif)."""
     qk_norm: bool = False
+    """RMS-normalise queries and keys per head (Qwen3)."""
     tie_embeddings: bool = False
+    """The LM head is the transposed embedding."""
     rope_theta: float = 10_000.0
+    """RoPE base frequency."""
     norm_eps: float = 1e-6
+    """Epsilon of the RMS norms."""
     max_seq_len: int = 4096
-    # dtype of matmul inputs and activations; parameters are kept in param_dtype (fp32 master weights).
+    """Longest sequence the model is used with (packing and generation budgets are checked against it)."""
     dtype: DType = "float32"
+    """Dtype of matmul inputs and activations; parameters are kept in param_dtype (fp32 master weights)."""
     param_dtype: DType = "float32"
+    """Dtype of the stored parameters."""
     attention_impl: AttentionImpl = "xla"
-    # query / key block sizes of the blockwise attention (memory O(block_q * block_kv) per head).
+    """Attention backend: xla (dense), blockwise (flash-style, O(T) memory) or cudnn (GPU)."""
     attention_block_q: int = 512
+    """Query block of the blockwise attention (memory O(block_q * block_kv) per head)."""
     attention_block_kv: int = 512
-    # stack layers with lax.scan (compile time independent of depth); off only for debugging.
+    """Key/value block of the blockwise attention."""
     scan_layers: bool = True
-    # names of tensors to keep for the backward pass; see motif_jax.model.remat.REMAT_POLICIES.
+    """Stack layers with lax.scan (compile time independent of depth); off only for debugging."""
     remat_policy: RematPolicy = "none"
+    """Names of tensors to keep for the backward pass; see motif_jax.model.remat.REMAT_POLICIES."""
     init_std: float = 0.02
+    """Standard deviation of the random initialisation."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -202,19 +221,28 @@ class MeshConfig:
     FLAG_PREFIX: ClassVar[str] = "mesh."
 
     data: int = 1
+    """Data-parallel devices per node (replicated parameters)."""
     fsdp: int = -1
+    """Fully-sharded data-parallel devices per node (-1: the remaining devices)."""
     tensor: int = 1
+    """Tensor-parallel devices per node (heads, MLP and vocabulary split)."""
     context: int = 1
+    """Context-parallel devices per node (the sequence split)."""
     dcn_data: int = 1
+    """Data-parallel factor across nodes."""
     dcn_fsdp: int = 1
+    """FSDP factor across nodes."""
     dcn_tensor: int = 1
+    """Tensor-parallel factor across nodes."""
     dcn_context: int = 1
-    # "all_gather" (K/V gathered, load-balanced causal layout) or "ring" (ppermute + online softmax).
+    """Context-parallel factor across nodes."""
     context_strategy: Literal["all_gather", "ring"] = "all_gather"
-    # reorder each sequence once at batch time so every context shard holds chunks i and 2C-1-i (balanced causal
-    # work); see motif_jax.parallel.context.load_balance_batch.
+    """all_gather (K/V gathered, load-balanced causal layout) or ring (ppermute + online softmax)."""
     context_load_balance: bool = True
+    """Reorder each sequence once at batch time so every context shard holds chunks i and 2C-1-i (balanced causal
+    work); see motif_jax.parallel.context.load_balance_batch."""
     logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOGICAL_RULES
+    """Logical axis name -> mesh axes (one table for the whole model)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -255,16 +283,19 @@ class DistributedConfig:
     FLAG_PREFIX: ClassVar[str] = "distributed."
 
     coordinator_address: str = ""
+    """host:port of process 0's coordinator ('' = single process, or SLURM's)."""
     num_processes: int = 1
+    """Processes of the job."""
     process_id: int = 0
-    # comma-separated local device ids for this process ("" = all visible / derived from CUDA_VISIBLE_DEVICES).
+    """This process's rank."""
     local_device_ids: str = ""
-    # read SLURM_* variables when no coordinator is given.
+    """Comma-separated local device ids for this process ("" = all visible / derived from CUDA_VISIBLE_DEVICES)."""
     use_slurm: bool = True
-    # coordinator port when the address comes from SLURM (0: derived from SLURM_JOB_ID, as JAX does).
+    """Read SLURM_* variables when no coordinator is given."""
     coordinator_port: int = 0
-    # "auto" (from SLURM's tasks per node), "node" (one process drives all GPUs of its node) or "gpu" (one each).
+    """Coordinator port when the address comes from SLURM (0: derived from SLURM_JOB_ID, as JAX does)."""
     process_per: Literal["auto", "node", "gpu"] = "auto"
+    """auto (from SLURM's tasks per node), node (one process drives all GPUs of its node) or gpu (one each)."""
 
     def __post_init__(self) -> None:
         require(self.num_processes >= 1, "distributed.num-processes", "must be >= 1")

@@ -39,17 +39,17 @@ from motif_jax.train.step import abstract_batch, compile_train_step, lm_loss
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    # a model preset, or an SFT recipe (its model section is used)
     model: str = "configs/sft/tiny-arith.yaml"
+    """A model preset, or an SFT recipe (its model section is used)."""
     batch: int = 24
     seq_len: int = 160
     steps: int = 10
     warmup: int = 3
-    # records per packed row (segments), so attention masks are those of real packed data
     segments: int = 2
+    """Records per packed row (segments), so attention masks are those of real packed data."""
     torch: bool = True
-    # peak dense FLOP/s of one device in TFLOP/s for MFU (0: not reported)
     peak_tflops: float = 0.0
+    """Peak dense FLOP/s of one device in TFLOP/s for MFU (0: not reported)."""
 
 
 def _batch(cfg: BenchConfig, vocab: int) -> dict[str, np.ndarray]:

@@ -29,15 +29,18 @@ from motif_jax.train.sft import NonFiniteError, SFTConfig, run_sft
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     run_dir: str = "runs/demo"
+    """The demo's runs go to RUN_DIR/sft and RUN_DIR/rl."""
     sft_config: str = "configs/sft/tiny-arith.yaml"
+    """The SFT recipe (its first stage is run)."""
     rl_config: str = "configs/rl/tiny-arith.yaml"
-    # SFT steps (the recipe's first stage is cut to this many, the learning-rate schedule with it); 335 steps give
-    # a policy at ~27% held-out accuracy, 350 steps ~52% (the accuracy climbs steeply here; docs/benchmarks.md)
+    """The RL recipe."""
     sft_steps: int = 335
-    # wall-clock budget of the RL stage (rounds stop when it is spent; the final evaluation comes after)
+    """SFT steps (the recipe's first stage is cut to this many, the learning-rate schedule with it); 335 steps give a
+    policy at ~27% held-out accuracy, 350 steps ~52% (the accuracy climbs steeply here; docs/benchmarks.md)."""
     rl_minutes: float = 12.0
-    # held-out problems for both evaluations
+    """Wall-clock budget of the RL stage (rounds stop when it is spent; the final evaluation comes after)."""
     eval_records: int = 200
+    """Held-out problems for both evaluations."""
 
     def __post_init__(self) -> None:
         require(self.sft_steps >= 1, "sft-steps", "must be >= 1")

@@ -37,24 +37,39 @@ from motif_jax.train.state import resolve_model
 
 @dataclasses.dataclass(frozen=True)
 class PrefilterConfig:
-    policy: str = ""  # policy directory or a run directory with final/
-    # run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from
+    policy: str = ""
+    """Policy directory, or a run directory with final/."""
     model: ModelConfig = ModelConfig()
+    """Run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from."""
     prompts: str = "synthetic:addition?style=aligned&n=2000&min_digits=3&max_digits=4&split=train"
+    """Prompt records: a synthetic:... spec or a JSONL file."""
     out: str = "prefiltered.jsonl"
+    """The kept prompts, each with its measured pass rate under "prefilter"."""
     samples: int = 8
-    p_lo: float = 0.0  # keep prompts with p_lo <= pass rate <= p_hi
+    """Responses sampled per prompt."""
+    p_lo: float = 0.0
+    """Keep prompts with p_lo <= pass rate <= p_hi."""
     p_hi: float = 1.0
+    """Upper edge of the kept pass rates."""
     success_threshold: float = 0.5
-    limit: int = 0  # first N prompts only (0: all)
+    """A response with reward >= this counts as a success."""
+    limit: int = 0
+    """First N prompts only (0: all)."""
     temperature: float = 1.0
+    """Sampling temperature."""
     top_p: float = 1.0
+    """Nucleus sampling mass."""
     max_new_tokens: int = 64
+    """Response budget in tokens."""
     max_prompt_len: int = 64
+    """Longer prompts are skipped."""
     batch_prompts: int = 32
+    """Prompts per generation call."""
     verifiers: tuple[str, ...] = ("exact", "math", "code", "format")
+    """Verifiers of the reward."""
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     seed: int = 0
+    """Seed of the sampling."""
 
     def __post_init__(self) -> None:
         require(bool(self.policy), "policy", "give the policy to measure (a policy or run directory)")

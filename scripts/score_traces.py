@@ -56,41 +56,46 @@ from motif_jax.train.state import resolve_model
 class ScoreConfig:
     """Score traces under a policy and keep the ones that fit it."""
 
-    # a policy directory (model.yaml + params/) or a run directory with final/
     policy: str = ""
-    # run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from
+    """A policy directory (model.yaml + params/) or a run directory with final/."""
     model: ModelConfig = ModelConfig()
-    # trace sources: JSONL / Parquet / ArrayRecord files or synthetic:<task>?style=...&n=... specs
+    """Run-time fields of the policy's model (dtype, attention_impl, remat_policy, ...), as with --init-from."""
     traces: tuple[str, ...] = ()
-    # file format of the trace files (auto: by extension)
+    """Trace sources: JSONL / Parquet / ArrayRecord files or synthetic:<task>?style=...&n=... specs."""
     format: Literal["auto", "jsonl", "parquet", "arrayrecord"] = "auto"
-    # malformed records: raise (stop, naming file and line) or skip (counted and reported)
+    """File format of the trace files (auto: by extension)."""
     on_error: Literal["raise", "skip"] = "raise"
-    # the kept traces (JSONL)
+    """Malformed records: raise (stop, naming file and line) or skip (counted and reported)."""
     out: str = "scored/kept.jsonl"
-    # per-trace scores (JSONL; "" = --out with .scores.jsonl)
+    """The kept traces (JSONL)."""
     scores_out: str = ""
-    # key under which the NLL is stored in the kept records' ``scores``
+    """Per-trace scores (JSONL; "" = --out with .scores.jsonl)."""
     score_key: str = "nll"
-    # keep traces with NLL <= this (None: no threshold)
+    """Key under which the NLL is stored in the kept records' ``scores``."""
     max_nll: float | None = None
-    # keep the lowest-NLL fraction of the well-formed traces, in (0, 1] (None: no quantile)
+    """Keep traces with NLL <= this (None: no threshold)."""
     keep_quantile: float | None = None
-    # where the quantile is taken: within each task (NLL scales differ by task) or over all traces
+    """Keep the lowest-NLL fraction of the well-formed traces, in (0, 1] (None: no quantile)."""
     quantile_by: Literal["task", "all"] = "task"
-    # format checks
+    """Where the quantile is taken: within each task (NLL scales differ by task) or over all traces."""
     require_answer_line: bool = True
-    require_correct: bool = True  # only applies to records with a reference answer
+    """Format check: the trace ends with an answer line."""
+    require_correct: bool = True
+    """Format check: the answer is right (only records with a reference answer)."""
     min_steps: int = 0
-    max_steps: int = 0  # 0 = no limit
-    # records longer than this after the template (0 = the model's max_seq_len) are skipped and counted
+    """Format check: at least this many reasoning steps."""
+    max_steps: int = 0
+    """Format check: at most this many reasoning steps (0 = no limit)."""
     max_tokens: int = 0
-    # style treated as "positive" for the ROC AUC report ("" = per task, the style with the lowest mean NLL)
+    """Records longer than this after the template (0 = the model's max_seq_len) are skipped and counted."""
     positive_style: str = ""
-    # first N records of each source (0: all)
+    """Style treated as "positive" for the ROC AUC report ("" = per task, the style with the lowest mean NLL)."""
     limit: int = 0
+    """First N records of each source (0: all)."""
     batch_size: int = 32
+    """Traces scored at once."""
     length_bucket: int = 64
+    """Traces are padded to a multiple of this many tokens (few compiled shapes)."""
 
     def __post_init__(self) -> None:
         require(bool(self.policy), "policy", "give the model to score with (a policy or run directory)")

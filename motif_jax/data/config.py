@@ -35,8 +35,8 @@ class StageConfig:
     seq_len: int = 0
     batch_size: int = 0
     steps: int = 0
-    # peak learning rate of this stage (0 = --optim.lr); used by the SFT trainer's schedule, not by the pipeline
     lr: float = 0.0
+    """Peak learning rate of this stage (0 = --optim.lr); used by the SFT trainer's schedule, not by the pipeline."""
 
 
 @dataclasses.dataclass(frozen=True)

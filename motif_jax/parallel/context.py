@@ -1,29 +1,10 @@
-"""Context (sequence) parallelism: the strategy selector, the active context mesh and the load-balanced layout.
+"""Context (sequence) parallelism: the length axis of activations is sharded over the ``context`` mesh axis.
 
-The attention itself lives in :mod:`motif_jax.model.context_attention` (model -> parallel, never back).
-The length axis of activations is sharded over the ``context`` mesh axis.
-
-Everything in the decoder except attention works token by token, so with the sequence split over ``context`` only
-attention needs keys and values from other shards. Two strategies (``--mesh.context-strategy``):
-
-``all_gather``
-    Each shard all-gathers K, V and their segment ids / positions over ``context`` and attends with its local
-    queries (any ``--model.attention-impl``). K/V memory per device is that of the full sequence (small next to
-    the activations at 64K: [T, kv_heads, head_dim]); the backward's transpose is a reduce-scatter of dK/dV.
-
-``ring``
-    K/V blocks travel around the ring of ``context`` devices with ``ppermute``; each step computes one block of
-    flash attention and merges it with an online softmax (log-sum-exp weights). Only one remote K/V block is held
-    at a time. A ``custom_vjp`` runs the backward as a second ring in which dK/dV accumulators travel with their
-    blocks and return to their owner, so gradients are exact and no [T, S] residual is kept.
-
-Masks come from (segment id, position) pairs (see :mod:`motif_jax.model.attention`), so both strategies support
-packed sequences, GQA and differential attention (value width 2 x head_dim) unchanged, and any token order. The
-load-balanced causal layout (:func:`load_balance_permutation`) reorders each sequence once at batch time so shard
-``i`` holds chunks ``i`` and ``2C-1-i``; the loss is a sum over tokens and therefore does not care about order.
-
-The model routes here (``Attention.__call__``) when the active mesh (``jax.set_mesh`` / :func:`parallel.mesh.activate`)
-has a ``context`` axis larger than 1 and there is no KV cache.
+This module holds what the model, the data pipeline and the step need to agree on: the strategy selected for
+tracing (:func:`context_strategy`, ``--mesh.context-strategy``), the active context mesh, and the load-balanced
+causal layout (:func:`load_balance_permutation`), which reorders each sequence once at batch time so shard ``i``
+holds chunks ``i`` and ``2C-1-i`` (the loss is a sum over tokens and does not care about order). The attention
+itself, all-gather or ring, is :mod:`motif_jax.model.context_attention` (model -> parallel, never back).
 """
 
 from __future__ import annotations

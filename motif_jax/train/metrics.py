@@ -38,16 +38,20 @@ class MetricsWriter:
         self._first_step: int | None = None
         self._tb = None
         self._jsonl = None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+    def _open(self) -> None:
+        """Files are opened at the first write (a run that fails at start-up leaves no writer threads behind)."""
+        from tensorboardX import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> dict[str, float]:
         values = to_python(metrics)
         if self.enabled:
+            if self._tb is None:
+                self._open()
             for key, value in values.items():
                 if math.isfinite(value):
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
