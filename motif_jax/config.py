@@ -362,14 +362,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base_dir: Pat
         base_path = _find_preset(str(data["base"]), base_dir)
         data = {**_read_yaml(base_path), **rest}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"--{where.rstrip('.') or cls.__name__}: expected a mapping of fields, got "
+                          f"{type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"{where}{key}: unknown field of {cls.__name__}; known: {sorted(fields)}")
+            raise ConfigError(f"--{where}{key}: unknown field of {cls.__name__}; known: {sorted(fields)}")
         hint = hints[name]
         origin = typing.get_origin(hint)
         if dataclasses.is_dataclass(hint):
@@ -378,12 +379,65 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base_dir: Pat
             typing.get_args(hint)[0]
         ):
             item_cls = typing.get_args(hint)[0]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"--{where}{key}: expected a list of {item_cls.__name__} mappings, got {value!r}")
             kwargs[name] = tuple(
                 from_dict(item_cls, v, f"{where}{key}[{i}].", base_dir) for i, v in enumerate(value)
             )
         else:
-            kwargs[name] = _tupleize(value)
+            kwargs[name] = _typed(hint, _tupleize(value), f"{where}{key}".replace("_", "-"))
     return cls(**kwargs)
+
+
+def _typed(hint: Any, value: Any, flag: str) -> Any:
+    """``value`` of a YAML preset checked against the field's type ``hint`` (tyro checks flags, not presets).
+
+    A float field takes what YAML 1.1 leaves as a string (``3e-3`` has no dot, so PyYAML reads a str) when it parses
+    as a number; ints are not silently truncated; containers are checked element by element.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _typed(a, value, flag)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"--{flag}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        return value  # check_choices names the allowed values
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"--{flag}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(args[0], v, flag) for v in value)
+        if args and len(args) != len(value):
+            raise ConfigError(f"--{flag}: expected {len(args)} items, got {value!r}")
+        return tuple(_typed(a, v, flag) for a, v in zip(args, value)) if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"--{flag}: expected a mapping, got {value!r}")
+        return {_typed(args[0], k, flag): _typed(args[1], v, flag) for k, v in value.items()} if args else value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"--{flag}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"--{flag}: expected an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"--{flag}: expected true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"--{flag}: expected a string, got {value!r} (quote it in the YAML)")
+    return value
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

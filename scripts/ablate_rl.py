@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from motif_jax.config import ConfigError, parse_cli
+from motif_jax import cli
+from motif_jax.config import parse_cli
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.loop import RLTrainer
-from motif_jax.train.checkpoint import CheckpointNotFoundError
-from motif_jax.train.loop import NonFiniteError
 
 VARIANTS = {"band+reuse": (True, True), "band": (True, False), "reuse": (False, True), "plain": (False, False)}
 
@@ -173,11 +172,7 @@ def main() -> int:
         cfg = variant_config(base, name, run_dir, budget, eval_every)
         print(f"=== {name}: band {cfg.band_filter}, fresh groups {cfg.fresh_groups}/{cfg.update.groups_per_round}, "
               f"passes {cfg.update.num_passes}, max uses {cfg.buffer.max_uses}, budget {budget} rollouts", flush=True)
-        try:
-            summary = RLTrainer(cfg).run()
-        except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        summary = RLTrainer(cfg).run()
         results[name] = {"summary": summary, "curve": _rollout_curve(Path(cfg.run_dir))}
     report = write_report(run_dir, results, own.target_accuracy)
     print((run_dir / "ablation.md").read_text())
@@ -186,4 +181,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

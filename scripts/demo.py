@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from motif_jax.config import ConfigError, load_yaml, parse_cli, require
+from motif_jax import cli
+from motif_jax.config import load_yaml, parse_cli, require
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.loop import train
-from motif_jax.train.checkpoint import CheckpointNotFoundError
-from motif_jax.train.sft import NonFiniteError, SFTConfig, run_sft
+from motif_jax.train.sft import SFTConfig, run_sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +68,11 @@ def rl_config(cfg: DemoConfig, policy_dir: str) -> RLConfig:
 def main() -> int:
     cfg = parse_cli(DemoConfig, description=__doc__)
     t0 = time.time()
-    try:
-        sft = run_sft(sft_config(cfg))
-        if sft.get("status") != "finished":
-            print(f"SFT stopped early ({sft.get('status')}); re-run `make demo` to resume", flush=True)
-            return 1
-        rl = train(rl_config(cfg, sft["final_policy"]))
-    except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sft = run_sft(sft_config(cfg))
+    if sft.get("status") != "finished":
+        print(f"SFT stopped early ({sft.get('status')}); re-run `make demo` to resume", flush=True)
+        return 1
+    rl = train(rl_config(cfg, sft["final_policy"]))
     if rl.get("accuracy_after") is None:
         print(f"RL stopped early ({rl.get('status')}); re-run `make demo` to resume", flush=True)
         return 1
@@ -100,4 +96,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from motif_jax import cli
 from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
 from motif_jax.data.prompts import load_prompt_records
 from motif_jax.data.template import stop_token_ids
@@ -31,7 +32,7 @@ from motif_jax.model.transformer import abstract_model
 from motif_jax.rl.config import SandboxConfig
 from motif_jax.rl.rollout import measure_pass_rates, prompt_tokens
 from motif_jax.rl.verifiers import default_verifiers
-from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy_params
+from motif_jax.train.checkpoint import load_policy_params
 from motif_jax.train.state import resolve_model
 
 
@@ -128,11 +129,7 @@ def prefilter(cfg: PrefilterConfig) -> dict:
 
 def main() -> int:
     cfg = parse_cli(PrefilterConfig, description=__doc__)
-    try:
-        summary = prefilter(cfg)
-    except (ConfigError, CheckpointNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = prefilter(cfg)
     print(f"measured {summary['measured']} prompts x {cfg.samples} samples: mean pass rate "
           f"{summary['mean_pass_rate']:.3f}, never solved {summary['never_solved']}, always solved "
           f"{summary['always_solved']}; kept {summary['kept']} in [{cfg.p_lo}, {cfg.p_hi}] -> {cfg.out}")
@@ -142,4 +139,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

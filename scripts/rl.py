@@ -9,23 +9,17 @@ wall time). Re-running the same command resumes from the newest complete checkpo
 
 import sys
 
-from motif_jax.config import ConfigError, parse_cli
+from motif_jax import cli
+from motif_jax.config import parse_cli
 from motif_jax.parallel import distributed
 from motif_jax.rl.config import RLConfig
-from motif_jax.train.checkpoint import CheckpointNotFoundError
-from motif_jax.train.loop import NonFiniteError
+from motif_jax.rl.loop import train
 
 
 def main() -> int:
     cfg = parse_cli(RLConfig, description=__doc__)
     distributed.initialize(cfg.distributed)
-    from motif_jax.rl.loop import train  # after the runtime is up
-
-    try:
-        summary = train(cfg)
-    except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = train(cfg)
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None and after is not None:
         print(f"held-out accuracy before RL {before:.3f} -> after {after:.3f} "
@@ -35,4 +29,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -35,6 +35,7 @@ from typing import Literal
 
 from flax import nnx
 
+from motif_jax import cli
 from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
 from motif_jax.data.config import SourceConfig
 from motif_jax.data.pipeline import open_source
@@ -229,15 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ScoreConfig, argv, description=__doc__)
     try:
         summary = score_traces(cfg)
-    except CheckpointNotFoundError as e:
-        print(f"error: {str(e).replace('--init-from', '--policy')}", file=sys.stderr)
-        return 2
+    except CheckpointNotFoundError as e:  # the shared messages name the trainers' flags; this script's differ
+        raise CheckpointNotFoundError(str(e).replace("--init-from", "--policy")) from None
     except (ConfigError, TraceFormatError, FileNotFoundError) as e:
-        print(f"error: {str(e).replace('check --data.sources', 'check --traces')}", file=sys.stderr)
-        return 2
+        raise type(e)(str(e).replace("check --data.sources", "check --traces")) from None
     print_summary(summary)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

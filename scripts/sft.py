@@ -9,20 +9,16 @@ this invocation (time-boxed jobs: submit the same command again); SIGTERM saves 
 
 import sys
 
-from motif_jax.config import ConfigError, parse_cli
+from motif_jax import cli
+from motif_jax.config import parse_cli
 from motif_jax.parallel import distributed
-from motif_jax.train.checkpoint import CheckpointNotFoundError
-from motif_jax.train.sft import NonFiniteError, SFTConfig, run_sft
+from motif_jax.train.sft import SFTConfig, run_sft
 
 
 def main() -> int:
     cfg = parse_cli(SFTConfig, description=__doc__)
     distributed.initialize(cfg.distributed)
-    try:
-        summary = run_sft(cfg)
-    except (ConfigError, CheckpointNotFoundError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run_sft(cfg)
     ev = summary.get("final_eval") or {}
     if "accuracy" in ev:
         print(f"final held-out accuracy {ev['accuracy']:.3f}, loss {ev['loss']:.4f}")
@@ -30,4 +26,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -54,6 +54,11 @@ BAD = [
     (line(good(11, scores={"nll": "low"})), "wrong_type", "scores.nll"),
     (b'{"id": "bad-bytes", "task": "\xff\xfe"}\n', "not_utf8", ""),
     (b"[1, 2, 3]\n", "not_object", ""),
+    (b"[" * 200_000 + b"]" * 200_000 + b"\n", "invalid_json", ""),  # nested past the parser's recursion limit
+    (b'{"id": "huge", "n": ' + b"7" * 5000 + b"}\n", "invalid_json", ""),  # past Python's int-from-text limit
+    (b'{"id": "dup", "id": "dup2", "task": "t"}\n', "duplicate_key", ""),
+    (line(good(12, messages=[{"role": "user", "content": "q \ud800"}, {"role": "assistant", "content": "a"}])),
+     "bad_unicode", "messages[0].content"),
 ]
 
 
@@ -99,7 +104,7 @@ def test_skip_policy_counts_everything(bad_file):
     assert dict(report.counts) == expected
     assert all(len(v) <= report.max_examples for v in report.examples.values())
     s = report.summary()
-    assert "invalid_json: 1" in s and "wrong_type: 4" in s and "bad.jsonl:line 2" in s
+    assert "invalid_json: 3" in s and "wrong_type: 4" in s and "bad.jsonl:line 2" in s
 
 
 def test_empty_file(tmp_path):
@@ -168,3 +173,52 @@ def test_pipeline_bad_corpus_raise_and_skip(bad_file, tmp_path):
         DataPipeline(_cfg(empty), shard_index=0, shard_count=1)
     with pytest.raises(TraceFormatError, match=r"only 0 usable records(.|\n)*empty_file: 1"):
         DataPipeline(_cfg(empty, on_error="skip"), shard_index=0, shard_count=1)
+
+
+class _FailsOnTilde:
+    """A tokenizer that cannot encode one character (a per-record tokenizer failure)."""
+
+    def __init__(self):
+        from motif_jax.data.tokenizer import ByteTokenizer
+
+        self._inner = ByteTokenizer()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode(self, text: str) -> list[int]:
+        if "~" in text:
+            raise RuntimeError("cannot encode '~'")
+        return self._inner.encode(text)
+
+
+def test_duplicate_ids_and_untokenizable_records_name_both_lines(tmp_path):
+    path = tmp_path / "dups.jsonl"
+    tilde = good(3, messages=[{"role": "user", "content": "a ~ b"}, {"role": "assistant", "content": "c"}])
+    path.write_bytes(line(good(1)) + line(good(2)) + line(good(1)) + line(tilde) + line(good(4)))
+    with pytest.raises(TraceFormatError, match=r"dups\.jsonl:line 3: field 'id': duplicate record id 'r1' \(first at "
+                                               r"line 1\).*\[duplicate_id\]"):
+        DataPipeline(_cfg(path), shard_index=0, shard_count=1)
+    pl = DataPipeline(_cfg(path, on_error="skip"), tokenizer=_FailsOnTilde(), shard_index=0, shard_count=1)
+    (rep,) = pl.report.entries.values()
+    assert dict(rep.counts) == {"duplicate_id": 1, "tokenizer": 1} and rep.kept == 3
+    assert "dups.jsonl:line 4: field 'messages': cannot be rendered and tokenized" in rep.examples["tokenizer"][0]
+
+
+def test_sft_script_reports_a_bad_trace_file_in_one_line(tmp_path, bad_file):
+    """Through scripts/sft.py a malformed trace file ends with one line naming file and line, exit status 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts/sft.py"), "--config", str(root / "configs/sft/tiny-arith.yaml"),
+         "--run-dir", str(tmp_path / "run"), "--data.sources.0.path", str(bad_file)],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert errors[-1].startswith("error: ") and "bad.jsonl:line 2: invalid JSON" in errors[-1]
+    assert "Traceback" not in out.stderr

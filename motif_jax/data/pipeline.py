@@ -49,7 +49,7 @@ from motif_jax.data.records import (
 )
 from motif_jax.data.synthetic import is_synthetic_spec, synthetic_records
 from motif_jax.data.template import apply_template
-from motif_jax.data.tokenizer import Tokenizer, load_tokenizer
+from motif_jax.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,31 @@ def scan_source(src: SourceConfig, tokenizer: Tokenizer, cfg: DataConfig) -> Sou
     reader = open_source(src)
     report = SkipReport()
     idx, lens, scores = [], [], []
+    first_seen: dict[str, str] = {}  # record id -> where it first appeared
+
+    def bad(err: TraceFormatError) -> None:
+        if cfg.on_error == "raise":
+            raise err
+        report.kept -= 1
+        report.add_error(err)
+
     for i, rec in iter_valid(reader, on_error=cfg.on_error, report=report):
-        toks, _ = apply_template(rec["messages"], tokenizer, train_on_reasoning=cfg.train_on_reasoning,
-                                 empty_think=cfg.empty_think)
+        where = reader.location(i)
+        if rec["id"] in first_seen:
+            bad(TraceFormatError(f"duplicate record id {rec['id']!r} (first at {first_seen[rec['id']]}); ids must be "
+                                 "unique within a source", path=reader.path, location=where, field="id",
+                                 reason="duplicate_id"))
+            continue
+        first_seen[rec["id"]] = where
+        try:
+            toks, _ = apply_template(rec["messages"], tokenizer, train_on_reasoning=cfg.train_on_reasoning,
+                                     empty_think=cfg.empty_think)
+        except TokenizerError:
+            raise  # the tokenizer itself does not fit the template: one error for the run, not one per record
+        except Exception as e:  # noqa: BLE001 - any failure to render or tokenize this record is the record's
+            bad(TraceFormatError(f"cannot be rendered and tokenized: {type(e).__name__}: {e}", path=reader.path,
+                                 location=where, field="messages", reason="tokenizer"))
+            continue
         idx.append(i)
         lens.append(len(toks))
         scores.append(rec.get("scores", {}).get(cfg.score_key, math.nan) if cfg.score_key else math.nan)

@@ -241,11 +241,55 @@ def parse_record(raw: bytes | str | dict, *, path: str = "", location: str = "")
                 f"not valid UTF-8 (byte 0x{bytes(raw)[e.start]:02x} at offset {e.start}); re-encode the file as UTF-8",
                 path=path, location=location, reason="not_utf8") from None
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise TraceFormatError(f"invalid JSON: {e.msg} at column {e.colno}", path=path, location=location,
                                reason="invalid_json") from None
+    except _DuplicateKey as e:
+        raise TraceFormatError(f"the key {e.args[0]!r} appears twice in one object (JSON parsers keep only one)",
+                               path=path, location=location, reason="duplicate_key") from None
+    except RecursionError:
+        raise TraceFormatError("JSON nested too deeply to parse", path=path, location=location,
+                               reason="invalid_json") from None
+    except ValueError as e:  # e.g. an integer longer than Python's int-from-text limit
+        raise TraceFormatError(f"invalid JSON value: {str(e).splitlines()[0]}", path=path, location=location,
+                               reason="invalid_json") from None
+    bad = _first_invalid_text(obj)
+    if bad is not None:
+        raise TraceFormatError("invalid Unicode (a lone surrogate escape such as \\ud800); fix the text",
+                               path=path, location=location, field=bad, reason="bad_unicode")
     return validate_record(obj, path=path, location=location)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _first_invalid_text(obj: Any, where: str = "") -> str | None:
+    """The dotted path of the first string (key or value) that is not encodable as UTF-8, or None."""
+    stack = [(obj, where)]
+    while stack:
+        x, at = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return at or "<record>"
+        elif isinstance(x, dict):
+            stack.extend((v, f"{at}.{k}" if at else str(k)) for k, v in reversed(list(x.items())))
+            stack.extend((k, at or "<key>") for k in x)
+        elif isinstance(x, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(x))))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

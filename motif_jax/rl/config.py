@@ -408,6 +408,9 @@ class RLConfig(RunConfig):
             require(self.objective.overlong_buffer < new, "objective.overlong-buffer",
                     f"must be smaller than --rollout.max-new-tokens {new}")
         require(self.rounds >= 0, "rounds", "must be >= 0")
+        require(self.optim.warmup_steps < max(self.rounds * self.steps_per_round, 1), "optim.warmup-steps",
+                f"{self.optim.warmup_steps} warm-up steps are longer than the run ({self.rounds} rounds x "
+                f"{self.steps_per_round} optimizer steps); lower it or raise --rounds")
         require(self.max_rollouts >= 0, "max-rollouts", "must be >= 0 (0: no limit)")
         require(bool(self.prompts), "prompts", "needs a prompt source (synthetic:... spec or JSONL path)")
         bad = [v for v in self.verifiers if v not in VERIFIER_NAMES]

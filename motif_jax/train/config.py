@@ -127,8 +127,12 @@ class EvalConfig:
     """Generation budget of each greedy answer."""
     batch_size: int = 64
     """Records generated at once."""
+    stop_at_accuracy: float = 0.0
+    """Finish the run (final checkpoint, evaluation and policy) at the first evaluation whose accuracy reaches this
+    (0: never)."""
 
     def __post_init__(self) -> None:
+        require(0.0 <= self.stop_at_accuracy <= 1.0, "eval.stop-at-accuracy", "must be in [0, 1] (0: never)")
         require(self.every >= 0, "eval.every", "must be >= 0")
         require(self.num_records >= 1, "eval.num-records", "must be >= 1")
         require(self.max_new_tokens >= 1, "eval.max-new-tokens", "must be >= 1")

@@ -8,7 +8,7 @@ The skeleton owns everything else, once:
   straight into the target shardings, else ``--init-from`` or a random init (``motif_jax.train.state``);
 - the run (:meth:`Trainer.run`): optional evaluation before the first unit, metrics every ``--log-every`` units
   (read one unit late, so the device never waits for Python), a progress line with an ETA, evaluation every
-  ``--eval.every`` units, checkpoints every ``--checkpoint.save-every`` units, ``--stop-after-steps`` and SIGTERM
+  ``--eval.every`` units (``--eval.stop-at-accuracy`` finishes early), checkpoints every ``--checkpoint.save-every`` units, ``--stop-after-steps`` and SIGTERM
   (save, exit, resume later), ``--max-minutes`` (finish early), the non-finite guard (``--max-bad-steps``), a
   final checkpoint, evaluation and policy directory, and ``summary.json``.
 
@@ -163,14 +163,13 @@ class Trainer:
         loop's counters), else the ``--init-from`` policy, else a random init; always built in its shardings."""
         rules = self.cfg.mesh.logical_rules
         abstract, self.graphdef, self.shardings = abstract_train_state(self.model_cfg, tx, self.mesh, rules)
-        step = self.ckpt.latest_step()
-        if step is None:
+        found = self.ckpt.restore_newest(lambda extra: {"train": abstract, **self.abstract_checkpoint_items(extra)},
+                                         data_iterator=self.data_iterator)
+        if found is None:
             state, _, _ = init_train_state(self.model_cfg, tx, self.mesh, rules, seed=self.cfg.seed,
                                            policy_dir=policy_dir)
             return state
-        extra = self.ckpt.read_extra(step)
-        items = {"train": abstract, **self.abstract_checkpoint_items(extra)}
-        restored, _ = self.ckpt.restore(items, data_iterator=self.data_iterator, step=step)
+        step, restored, extra = found
         self.index = int(extra["index"])
         self._wall_before = float(extra["wall_s"])
         self.guard.load_state_dict(extra["guard"])
@@ -216,6 +215,7 @@ class Trainer:
         status, start = "finished", self.index
         last_saved = self.index if self.resumed else None
         pending: Callable[[], None] | None = None  # the host side of the last unit, not consumed yet
+        last_eval: tuple[int, dict[str, Any]] = (-1, {})
 
         def flush() -> None:
             nonlocal pending
@@ -237,7 +237,10 @@ class Trainer:
                 pending = self._consumer(metrics, self.index)
                 if cfg.eval.every and self.index % cfg.eval.every == 0 and self.index < self.total:
                     flush()
-                    self.evaluate()
+                    last_eval = (self.index, self.evaluate())
+                    if cfg.eval.stop_at_accuracy and last_eval[1].get("accuracy", 0.0) >= cfg.eval.stop_at_accuracy:
+                        status = "target_accuracy"
+                        break
                 preempted = preempt.requested  # one collective per unit (agreed by all processes)
                 stop = preempted or (cfg.stop_after_steps > 0 and self.index - start >= cfg.stop_after_steps
                                      and self.index < self.total)
@@ -256,7 +259,7 @@ class Trainer:
                 why = "stop requested" if status == "preempted" else f"--stop-after-steps {cfg.stop_after_steps}"
                 self.log(f"{why}: saved {self.unit} {self.index}, exiting (re-run to resume)")
                 return {"status": status, self.unit + "s": self.index}
-            final = self.evaluate() if self.eval_records else {}
+            final = last_eval[1] if last_eval[0] == self.index else (self.evaluate() if self.eval_records else {})
             policy = save_policy(self.run_dir / "final", self.model_cfg, self.state.params, self.tokenizer_spec,
                                  source=f"{self.unit} {self.index} of {self.run_dir}")
         finally:

@@ -55,6 +55,9 @@ class SFTConfig(RunConfig):
             require(st.steps > 0, flag, "every SFT stage needs a positive number of steps (the run length)")
             require(st.seq_len <= self.model.max_seq_len or bool(self.init_from), "model.max-seq-len",
                     f"stage {st.name!r} packs {st.seq_len} tokens, more than max_seq_len={self.model.max_seq_len}")
+            require(self.optim.warmup_steps < st.steps, "optim.warmup-steps",
+                    f"{self.optim.warmup_steps} warm-up steps do not fit in stage {st.name!r} of {st.steps} steps "
+                    "(each stage warms up again); lower it or lengthen the stage")
         require(self.data.batch_size % self.train.num_microbatches == 0, "train.num-microbatches",
                 f"must divide the batch size {self.data.batch_size}")
 

@@ -152,10 +152,11 @@ def make_grad_fn(
             zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
             grads, (nums, dens, stacked) = jax.lax.scan(body, zeros, _split_microbatches(batch, num_microbatches))
             num, den, aux = nums.sum(), dens.sum(), reduce_stacked(stacked, loss.reductions)
-        # Divide once by the global denominator; an empty step (denominator 0) gives zero gradients.
-        scale = jnp.where(den > 0, 1.0 / jnp.maximum(den, 1e-12), 0.0)
-        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-        return grads, num * scale, den, aux
+        # Divide once by the global denominator. An empty step (denominator 0) has zero sums, so zero gradients;
+        # the clamp only avoids 0 / 0 (real denominators are counts >= 1, which it leaves alone).
+        n = jnp.maximum(den, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
+        return grads, num / n, den, aux
 
     return grad_fn
 
