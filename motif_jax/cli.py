@@ -14,6 +14,7 @@ from typing import Callable
 from kernels import BackendUnavailableError
 from motif_jax.config import ConfigError
 from motif_jax.convert.mapping import ConversionError
+from motif_jax.data.chat_template import TemplateError
 from motif_jax.data.records import TraceFormatError
 from motif_jax.data.tokenizer import TokenizerError
 from motif_jax.model.attention import AttentionBackendError
@@ -23,7 +24,7 @@ from motif_jax.train.loop import NonFiniteError
 __all__ = ["USER_ERRORS", "run"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, ConversionError, TraceFormatError, TokenizerError, CheckpointError, CheckpointNotFoundError,
+    ConfigError, ConversionError, TraceFormatError, TokenizerError, TemplateError, CheckpointError, CheckpointNotFoundError,
     NonFiniteError, BackendUnavailableError, AttentionBackendError, FileNotFoundError,
 )
 

@@ -227,6 +227,11 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 2 after a one-line error."""
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     cfg = parse_cli(ScoreConfig, argv, description=__doc__)
     try:
         summary = score_traces(cfg)
@@ -239,4 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(main())

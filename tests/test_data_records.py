@@ -186,10 +186,10 @@ class _FailsOnTilde:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def encode(self, text: str) -> list[int]:
+    def encode_with_offsets(self, text: str):
         if "~" in text:
             raise RuntimeError("cannot encode '~'")
-        return self._inner.encode(text)
+        return self._inner.encode_with_offsets(text)
 
 
 def test_duplicate_ids_and_untokenizable_records_name_both_lines(tmp_path):

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from motif_jax.data.chat_template import TemplateError
 from motif_jax.data.template import (
     apply_template,
     chat_text,
@@ -34,8 +35,11 @@ MESSAGES = [
 ]
 
 
-def make_hf_tokenizer(tmp_path, specials=SPECIALS) -> str:
-    """A small byte-level BPE trained on a few strings, with our special tokens; saved as tokenizer.json."""
+def make_hf_tokenizer(tmp_path, specials=SPECIALS, config: dict | None = None) -> str:
+    """A small byte-level BPE trained on a few strings, with the given special tokens, saved as tokenizer.json
+    (plus a tokenizer_config.json naming bos/eos/pad when they are among them, unless ``config`` is given)."""
+    import json
+
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -47,6 +51,10 @@ def make_hf_tokenizer(tmp_path, specials=SPECIALS) -> str:
     tok.train_from_iterator(TEXTS * 20, trainer=trainer)
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
+    if config is None:
+        config = {k: v for k, v in (("bos_token", "<bos>"), ("eos_token", "<eos>"), ("pad_token", "<pad>"))
+                  if v in specials}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     return str(path)
 
 
@@ -82,9 +90,9 @@ def test_byte_tokenizer_layout_and_round_trip():
 def test_hf_tokenizer_round_trip_and_specials(hf_path, tmp_path):
     t = HFTokenizer(hf_path)
     assert isinstance(t, Tokenizer)
-    for name in SPECIALS:
-        assert t.token_id(name) == t.special_tokens[name]
-    assert t.decode([t.bos_id]) == "" and t.decode([t.eos_id], skip_special=False) == "<eos>"
+    assert t.token_names == {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    assert t.pad_id == t.token_id("<pad>") and t.stop_ids == (t.token_id("<|end|>"), t.token_id("<eos>"))
+    assert t.chat_template.is_builtin  # no template of its own, but the built-in format's tokens
     for text in TEXTS:
         assert t.decode(t.encode(text)) == text
     # Directory form and load_tokenizer.
@@ -101,26 +109,24 @@ def test_hf_tokenizer_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot load tokenizer"):
         HFTokenizer(bad)
-    # No think / role tokens: loading works; the template fails only where it needs a missing token, by name.
+    # Neither a template nor the built-in format's role tokens: one error asking for the model's template.
     d = tmp_path / "plain"
     d.mkdir()
-    path = make_hf_tokenizer(d, specials=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"])
-    t = HFTokenizer(path)
-    assert t.bos_id == t.token_id("<bos>") and t.eos_id == t.token_id("<eos>")  # found through aliases
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    apply_template(msgs, t, empty_think=False)  # needs no think token
-    with pytest.raises(TokenizerError, match="<think>"):
-        apply_template(msgs, t)
-    with pytest.raises(TokenizerError, match=r"<\|system\|>"):
-        apply_template([{"role": "system", "content": "s"}] + msgs, t, empty_think=False)
-    t2 = HFTokenizer(path, special_map={"<think>": "<|user|>"})  # explicit mapping to an existing token
-    assert t2.token_id("<think>") == t.token_id("<|user|>")
-    with pytest.raises(TokenizerError, match="special_map"):
-        HFTokenizer(path, special_map={"<think>": "<nothing>"})
-    e = tmp_path / "nobos"
+    path = make_hf_tokenizer(d, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                             config={"eos_token": "<|im_end|>"})
+    with pytest.raises(TokenizerError, match=r"--data\.chat-template: .* has no chat template"):
+        HFTokenizer(path)
+    t = HFTokenizer(path, chat_template="{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
+    assert t.stop_ids == (t.token_id("<|im_end|>"),) and t.pad_id == t.token_id("<|im_end|>")
+    # A special token that is not in the vocabulary, and no stop token at all, are named.
+    with pytest.raises(TokenizerError, match="eos_token '<nothing>' is not a token"):
+        HFTokenizer(path, chat_template="x", special_tokens={"eos_token": "<nothing>"})
+    e = tmp_path / "noeos"
     e.mkdir()
-    with pytest.raises(TokenizerError, match="no <bos> token"):
-        HFTokenizer(make_hf_tokenizer(e, specials=["<pad>"]))
+    with pytest.raises(TokenizerError, match="no stop token"):
+        HFTokenizer(make_hf_tokenizer(e, config={}), chat_template="x")
+    with pytest.raises(TemplateError, match=r"--data\.chat-template: the template given .* not a valid jinja"):
+        HFTokenizer(path, chat_template="{% for m in messages %}")
 
 
 @pytest.mark.parametrize("kind", ["byte", "hf"])
@@ -130,7 +136,7 @@ def test_template_loss_mask_lines_up(kind, train_on_reasoning, tmp_path):
     msgs = MESSAGES + [{"role": "user", "content": "And 1+1?"}, {"role": "assistant", "content": "Answer: 2"}]
     ids, mask = apply_template(msgs, t, train_on_reasoning=train_on_reasoning)
     assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape
-    assert ids[0] == t.bos_id and ids[-1] == t.eos_id and mask[-1] and not mask[0]
+    assert ids[0] == t.token_id("<bos>") and ids[-1] == t.token_id("<eos>") and mask[-1] and not mask[0]
     learned = t.decode(ids[mask], skip_special=False)
     think1 = "<think>7+5+0=12\n1+2+1=04</think>" if train_on_reasoning else ""
     think2 = "<think></think>" if train_on_reasoning else ""
@@ -138,8 +144,7 @@ def test_template_loss_mask_lines_up(kind, train_on_reasoning, tmp_path):
     # Everything else (system, users, role tokens) is prompt.
     prompt = t.decode(ids[~mask], skip_special=False)
     assert "<|assistant|>" in prompt and "What is 17+25?" in prompt and "Answer" not in prompt
-    if kind == "byte":
-        assert ids.tolist() == t.encode(chat_text(msgs))
+    assert ids.tolist() == t.encode(chat_text(msgs, t))
 
 
 @pytest.mark.parametrize("kind", ["byte", "hf"])
@@ -152,7 +157,7 @@ def test_render_prompt_matches_training_prefix(kind, tmp_path):
     assert p2[-1] == t.token_id("<think>") and ids[: len(p2)].tolist() == p2
     with pytest.raises(ValueError, match="ends with an assistant turn"):
         render_prompt(MESSAGES, t)
-    assert stop_token_ids(t) == (t.token_id("<|end|>"), t.eos_id)
+    assert stop_token_ids(t) == (t.token_id("<|end|>"), t.token_id("<eos>"))
     # What a model generates after the prompt splits back into (reasoning, content).
     gen = t.decode(ids[len(p):], skip_special=False)
     assert split_response(gen) == ("7+5+0=12\n1+2+1=04", "Answer: 42")

@@ -56,7 +56,11 @@ class DataConfig:
     batch_size: int = 8
     """Global batch size in packed rows (each host gets batch_size // process_count)."""
     tokenizer: str = "byte"
-    """'byte' or a path to a Hugging Face tokenizer.json (or its directory)."""
+    """'byte' or a Hugging Face tokenizer directory (or its tokenizer.json); with --init-from the policy's own."""
+    chat_template: str = ""
+    """A jinja chat template (file or text) replacing the tokenizer's own ('' = the model's template)."""
+    special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Special tokens replacing tokenizer_config.json's, e.g. '{"eos_token": "<|im_end|>"}'."""
     train_on_reasoning: bool = True
     """Put <think>reasoning</think> in the loss (it is always in the input)."""
     empty_think: bool = True

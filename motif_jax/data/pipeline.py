@@ -259,7 +259,8 @@ class DataPipeline:
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
         self.cfg = cfg
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            cfg.tokenizer, chat_template=cfg.chat_template, special_tokens=cfg.special_tokens)
         self.shard_index, self.shard_count = shard_index, shard_count
         self.stages = cfg.resolved_stages()
         for i, st in enumerate(self.stages):

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from motif_jax.data.template import prompt_messages, render_prompt
-from motif_jax.data.tokenizer import END, EOS, Tokenizer
+from motif_jax.data.template import prompt_messages, render_prompt, response_text
+from motif_jax.data.tokenizer import Tokenizer
 from motif_jax.model.generate import FINISH_LENGTH, Generation, SamplingConfig, generate
 from motif_jax.rl.buffer import Group, Trajectory
 from motif_jax.rl.verifiers import Verifier, overlong_penalty, score_response
@@ -36,15 +36,6 @@ FINISH_NAMES = {0: "eos", FINISH_LENGTH: "length"}
 def prompt_tokens(record: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
     """The generation prompt of a record: its messages up to the last assistant turn, rendered as in training."""
     return render_prompt(prompt_messages(record["messages"]), tokenizer)
-
-
-def response_text(tokens: Sequence[int], tokenizer: Tokenizer) -> str:
-    """A generated turn as text for the verifiers: specials kept (``<think>``), cut at the first ``<|end|>``/``<eos>``."""
-    text = tokenizer.decode(tokens, skip_special=False)
-    for stop in (END, EOS):
-        if stop in text:
-            text = text.split(stop, 1)[0]
-    return text
 
 
 def sample_groups(

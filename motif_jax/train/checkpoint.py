@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from motif_jax.config import ModelConfig
 from motif_jax.convert.mapping import config_from_hf
 from motif_jax.convert.pretrained import check_same_architecture, is_hf_dir, load_config, load_params, save_params
+from motif_jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from motif_jax.train.config import CheckpointConfig
 
 
@@ -275,19 +276,20 @@ class PreemptionFlag:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_policy(directory: str | Path, model_cfg: Any, params: Any, tokenizer: str = "byte",
+def save_policy(directory: str | Path, model_cfg: Any, params: Any, tokenizer: Tokenizer | str = "byte",
                 source: str = "") -> Path:
     """Writes a policy directory, replacing one that exists (collective: every process calls it).
 
-    The layout is the ``--init-from`` one of :mod:`motif_jax.convert.pretrained` (model.yaml, params/, tokenizer
-    files) plus policy.json naming the tokenizer and where the policy came from.
+    The layout is the ``--init-from`` one of :mod:`motif_jax.convert.pretrained` (model.yaml, params/) plus the
+    tokenizer as it was used (vocabulary, special tokens, chat template and stop tokens, so every later stage and
+    the Hugging Face export render and stop the same way) and policy.json naming the tokenizer and the source.
+    ``tokenizer``: the run's Tokenizer, or a spec for :func:`load_tokenizer`.
     """
-    tok_dir = None
-    if tokenizer != "byte":
-        tok_dir = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
-    directory = save_params(directory, model_cfg, params, tokenizer_dir=tok_dir, overwrite=True)
+    tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    directory = save_params(directory, model_cfg, params, overwrite=True)
     if jax.process_index() == 0:
-        tok_entry = "byte" if tokenizer == "byte" else "tokenizer.json"
+        tokenizer.save(directory)
+        tok_entry = "byte" if isinstance(tokenizer, ByteTokenizer) else "tokenizer.json"
         (directory / "policy.json").write_text(json.dumps({"tokenizer": tok_entry, "source": source}) + "\n")
     return directory
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from motif_jax.data.synthetic import check_answer
-from motif_jax.data.template import prompt_messages, render_prompt, split_response, stop_token_ids
+from motif_jax.data.template import prompt_messages, render_prompt, response_text, split_response, stop_token_ids
 from motif_jax.data.tokenizer import Tokenizer
 from motif_jax.model.generate import Generation, SamplingConfig, generate
 from motif_jax.model.transformer import Decoder
@@ -29,8 +29,8 @@ def prompts_for(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> l
 
 
 def decode_responses(gen: Generation, tokenizer: Tokenizer) -> list[str]:
-    """Generated turns as text with special tokens kept, so ``split_response`` can find ``</think>``."""
-    return [tokenizer.decode(seq, skip_special=False) for seq in gen.sequences()]
+    """Generated turns as text (cut at the stop token, special tokens kept, so ``split_response`` finds ``</think>``)."""
+    return [response_text(seq, tokenizer) for seq in gen.sequences()]
 
 
 def exact_match(

@@ -260,7 +260,7 @@ class Trainer:
                 self.log(f"{why}: saved {self.unit} {self.index}, exiting (re-run to resume)")
                 return {"status": status, self.unit + "s": self.index}
             final = last_eval[1] if last_eval[0] == self.index else (self.evaluate() if self.eval_records else {})
-            policy = save_policy(self.run_dir / "final", self.model_cfg, self.state.params, self.tokenizer_spec,
+            policy = save_policy(self.run_dir / "final", self.model_cfg, self.state.params, self.tokenizer,
                                  source=f"{self.unit} {self.index} of {self.run_dir}")
         finally:
             preempt.restore_handlers()

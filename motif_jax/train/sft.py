@@ -99,7 +99,8 @@ class SFTTrainer(Trainer):
                 f"--init-from {cfg.init_from} brings its own tokenizer ({policy_tokenizer}); drop --data.tokenizer")
         self.tokenizer_spec = policy_tokenizer or cfg.data.tokenizer
         self.policy_source = str(policy_dir) if policy_dir else f"random init (seed {cfg.seed})"
-        self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        self.tokenizer = load_tokenizer(self.tokenizer_spec, chat_template=cfg.data.chat_template,
+                                        special_tokens=cfg.data.special_tokens)
         require(self.tokenizer.vocab_size <= self.model_cfg.vocab_size, "model.vocab-size",
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only {self.model_cfg.vocab_size}")
         self.data_cfg = dataclasses.replace(cfg.data, tokenizer=self.tokenizer_spec)
