@@ -64,6 +64,57 @@ RematPolicy = Literal["none", "full", "save_projections", "save_attention_out", 
                       "offload_projections", "offload_attention_out"]
 
 
+RopeScalingType = Literal["none", "yarn", "llama3"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """Scaled RoPE frequencies, as transformers computes them for ``rope_scaling`` (and Motif's inference code for
+    YaRN): ``yarn`` blends interpolated (/ factor) and original frequencies over the wavelengths between the
+    ``beta_fast`` and ``beta_slow`` rotation counts of the original context and scales cos and sin (so the attention
+    logits) by the attention factor; ``llama3`` divides the low frequencies by ``factor`` with a smooth band between
+    ``low_freq_factor`` and ``high_freq_factor``."""
+
+    FLAG_PREFIX: ClassVar[str] = "model.rope-scaling."
+
+    type: RopeScalingType = "none"
+    """none (plain RoPE), yarn, or llama3."""
+    factor: float = 1.0
+    """Context extension factor."""
+    original_max_len: int = 0
+    """original_max_position_embeddings: the context the model was pretrained with."""
+    beta_fast: float = 32.0
+    """YaRN: rotations at which frequencies are kept."""
+    beta_slow: float = 1.0
+    """YaRN: rotations at which frequencies are fully interpolated."""
+    attention_factor: float = 0.0
+    """YaRN: scale of cos and sin (0: derived from factor, mscale and mscale_all_dim as transformers does)."""
+    mscale: float = 0.0
+    """YaRN (DeepSeek style): mscale of the attention factor (0: unused)."""
+    mscale_all_dim: float = 0.0
+    """YaRN (DeepSeek style): mscale_all_dim of the attention factor (0: unused)."""
+    truncate: bool = True
+    """YaRN: round the correction range to whole dimensions."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_len / low_freq_factor are scaled by 1 / factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_len / high_freq_factor are kept."""
+
+    def __post_init__(self) -> None:
+        p = self.FLAG_PREFIX
+        check_choices(self)
+        for name in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                     "low_freq_factor", "high_freq_factor"):
+            require(math.isfinite(getattr(self, name)), p + name.replace("_", "-"), "must be finite")
+        if self.type != "none":
+            require(self.factor >= 1.0, p + "factor", f"must be >= 1 for {self.type} scaling, got {self.factor}")
+            require(self.original_max_len > 0, p + "original-max-len",
+                    f"{self.type} scaling needs the original context length (original_max_position_embeddings)")
+        if self.type == "llama3":
+            require(self.high_freq_factor > self.low_freq_factor, p + "high-freq-factor",
+                    "must be larger than --model.rope-scaling.low-freq-factor")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer.
@@ -102,8 +153,11 @@ class ModelConfig:
     """The LM head is the transposed embedding."""
     rope_theta: float = 10_000.0
     """RoPE base frequency."""
+    rope_scaling: RopeScalingConfig = RopeScalingConfig()
     norm_eps: float = 1e-6
     """Epsilon of the RMS norms."""
+    attn_norm_eps: float = 0.0
+    """Epsilon of differential attention's SubLN (Motif's attn_rms_norm_eps; 0: --model.norm-eps)."""
     max_seq_len: int = 4096
     """Longest sequence the model is used with (packing and generation budgets are checked against it)."""
     dtype: DType = "float32"

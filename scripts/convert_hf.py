@@ -20,8 +20,10 @@ from typing import Literal
 
 import tyro
 
-from motif_jax.config import MESH_AXES, ConfigError, MeshConfig
-from motif_jax.convert import ConversionError, ReadStats, export_pretrained, import_hf, save_params
+from motif_jax import cli
+from motif_jax.config import MESH_AXES, MeshConfig
+from motif_jax.data.tokenizer import HFTokenizer
+from motif_jax.convert import ReadStats, export_pretrained, import_hf, save_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +107,11 @@ def run_import(args: Import) -> None:
 
 def run_export(args: Export) -> None:
     start = time.time()
+    token_ids = None
+    if (args.init_dir / "tokenizer.json").is_file():  # the tokenizer the policy was trained with
+        token_ids = HFTokenizer(args.init_dir).config_token_ids()
     out = export_pretrained(
-        args.init_dir, args.out_dir,
+        args.init_dir, args.out_dir, token_ids=token_ids,
         arch=None if args.arch == "auto" else args.arch,
         dtype=None if args.dtype == "keep" else args.dtype,
         max_shard_size=args.max_shard_size,
@@ -119,11 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     args = tyro.extras.subcommand_cli_from_dict(
         {"import": Import, "export": Export}, args=argv, description=__doc__
     )
-    try:
-        run_import(args) if isinstance(args, Import) else run_export(args)
-    except (ConversionError, ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run_import(args) if isinstance(args, Import) else run_export(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.run(lambda: main(sys.argv[1:])))

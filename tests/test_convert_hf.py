@@ -192,13 +192,14 @@ def test_unsupported_config_features_are_named(llama_copy):
         config_from_hf({**cfg, "attention_bias": True})
     with pytest.raises(ConversionError, match="hidden_act='gelu'"):
         config_from_hf({**cfg, "hidden_act": "gelu"})
-    yarn = {**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6}}
-    with pytest.raises(ConversionError, match=r"rope_parameters\.rope_type='yarn'.*drop-rope-scaling"):
-        config_from_hf(yarn)
+    dynamic = {**cfg, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}
+    with pytest.raises(ConversionError, match=r"rope type 'dynamic' is not supported.*drop-rope-scaling"):
+        config_from_hf(dynamic)
     with pytest.warns(UserWarning, match="dropped"):
-        model_cfg, _ = config_from_hf(yarn, drop_rope_scaling=True)
-    assert model_cfg.rope_theta == 1e6
-    with pytest.raises(ConversionError, match=r"rope_scaling\.rope_type='llama3'"):
+        model_cfg, _ = config_from_hf(dynamic, drop_rope_scaling=True)
+    assert model_cfg.rope_theta == 1e6 and model_cfg.rope_scaling.type == "none"
+    # supported types need their parameters (tests/test_convert_rope.py imports them exactly)
+    with pytest.raises(ConversionError, match=r"original-max-len"):
         config_from_hf({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
 

@@ -218,8 +218,7 @@ def test_motif_config_variants():
     assert arch == "MotifForCausalLM" and cfg.diff_ratio == 1 and cfg.num_query_groups == 4
     with pytest.raises(ConversionError, match="k_ratio=2"):
         config_from_hf(HF_CONFIG | {"k_ratio": 2})
-    with pytest.warns(UserWarning, match="attn_rms_norm_eps"):
-        config_from_hf(HF_CONFIG | {"attn_rms_norm_eps": 1e-5})
+    assert config_from_hf(HF_CONFIG | {"attn_rms_norm_eps": 1e-5})[0].attn_norm_eps == 1e-5  # SubLN's own epsilon
     with pytest.raises(ConversionError, match="num_noise_heads=3"):
         config_from_hf(HF_CONFIG | {"num_noise_heads": 3})
 

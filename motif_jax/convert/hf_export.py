@@ -56,6 +56,7 @@ def export_hf(
     max_shard_size: int | str = "5GB",
     tokenizer_dir: str | Path | None = None,
     base_config: dict | None = None,
+    token_ids: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes ``state`` (parameter State, or a Decoder) as a Hugging Face model directory ``out_dir``.
@@ -73,7 +74,7 @@ def export_hf(
             raise ConversionError(f"parameter {'/'.join(m.path)} is missing from the state to export")
     out_dtype = None if dtype is None else np.dtype(dtype)
     first_dtype = str(out_dtype or np.dtype(values[("embed",)].dtype))
-    hf_config = config_to_hf(cfg, arch, dtype=first_dtype, base=base_config)
+    hf_config = config_to_hf(cfg, arch, dtype=first_dtype, base=base_config, token_ids=token_ids)
 
     out_dir = Path(out_dir)
     writer = jax.process_index() == 0

@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 from typing import Any
 
-from motif_jax.config import ConfigError, ModelConfig
+from motif_jax.config import ConfigError, ModelConfig, RopeScalingConfig
 
 
 class ConversionError(ValueError):
@@ -102,26 +102,57 @@ def _get(hf: dict, key: str, arch: str, default: Any = ...) -> Any:
     return default
 
 
-def _rope_theta(hf: dict, arch: str, drop_rope_scaling: bool) -> float:
-    """RoPE base from ``rope_parameters`` (transformers >= 5) or ``rope_theta``; scaled RoPE is refused (our RoPE
-    is plain rotate-half) unless ``drop_rope_scaling`` says the scaling was an inference-time extension only."""
+_ROPE_KEYS = {  # Hugging Face rope parameter -> RopeScalingConfig field
+    "factor": "factor", "original_max_position_embeddings": "original_max_len", "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow", "attention_factor": "attention_factor", "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim", "truncate": "truncate", "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+}
+
+
+def _rope(hf: dict, arch: str, drop_rope_scaling: bool) -> tuple[float, RopeScalingConfig]:
+    """(RoPE base, scaling) from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``.
+
+    ``yarn`` and ``llama3`` are imported exactly (frequencies and, for YaRN, the attention factor); other types
+    are refused naming the type, unless ``drop_rope_scaling`` says the scaling is only an inference-time extension.
+    """
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    for field, table in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = table.get("rope_type", table.get("type", "default"))
-        if kind not in (None, "default"):
-            msg = (
-                f"config.json ({arch}): {field}.rope_type={kind!r} is not supported (motif_jax implements plain "
-                "rotate-half RoPE only)"
-            )
-            if not drop_rope_scaling:
-                raise ConversionError(
-                    msg + "; if the scaling is only an inference-time context extension (as Motif-2's YaRN factor 2 "
-                    "is), import with drop_rope_scaling=True (--drop-rope-scaling) to keep the unscaled RoPE"
-                )
-            warnings.warn(msg + "; dropped (drop_rope_scaling=True): the model uses unscaled RoPE", stacklevel=3)
-    return float(theta)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    legacy = dict(hf.get("rope_scaling") or {})
+    kind_of = lambda t: t.get("rope_type", t.get("type", "default")) or "default"
+    # the scaled one of the two tables wins (transformers >= 5 writes rope_parameters, older files rope_scaling)
+    table = legacy | params if kind_of(params) != "default" or not legacy else params | legacy
+    kind = kind_of(table)
+    if kind == "default" or drop_rope_scaling:
+        if kind != "default":
+            warnings.warn(f"config.json ({arch}): rope type {kind!r} dropped (drop_rope_scaling=True): the model "
+                          "uses unscaled RoPE", stacklevel=3)
+        return theta, RopeScalingConfig()
+    if kind not in ("yarn", "llama3"):
+        raise ConversionError(
+            f"config.json ({arch}): rope type {kind!r} is not supported (motif_jax implements plain, yarn and llama3 "
+            "RoPE); if the scaling is only an inference-time context extension, import with --drop-rope-scaling")
+    fields = {ours: table[theirs] for theirs, ours in _ROPE_KEYS.items() if table.get(theirs) is not None}
+    if "factor" not in fields and fields.get("original_max_len") and hf.get("max_position_embeddings"):
+        fields["factor"] = hf["max_position_embeddings"] / fields["original_max_len"]  # as transformers does
+    try:
+        return theta, RopeScalingConfig(type=kind, **fields)
+    except (ConfigError, TypeError) as e:
+        raise ConversionError(f"config.json ({arch}): rope scaling {table}: {e}") from None
+
+
+def _rope_to_hf(theta: float, scaling: RopeScalingConfig) -> dict[str, Any]:
+    """``rope_parameters`` / ``rope_scaling`` of config.json (both: transformers >= 5 reads the first, vLLM and
+    Motif's inference code the second)."""
+    if scaling.type == "none":
+        return {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    keys = [k for k in _ROPE_KEYS if k not in (("low_freq_factor", "high_freq_factor") if scaling.type == "yarn"
+                                              else ("beta_fast", "beta_slow", "attention_factor", "mscale",
+                                                    "mscale_all_dim", "truncate"))]
+    table = {k: getattr(scaling, _ROPE_KEYS[k]) for k in keys}
+    table = {k: v for k, v in table.items() if not (k in ("attention_factor", "mscale", "mscale_all_dim") and not v)}
+    return {"rope_scaling": {"rope_type": scaling.type, **table},
+            "rope_parameters": {"rope_type": scaling.type, "rope_theta": theta, **table}}
 
 
 def _refuse(hf: dict, arch: str, field: str, ok) -> None:
@@ -160,6 +191,7 @@ def config_from_hf(
     they may not change the architecture.
     """
     arch = architecture_of(hf)
+    rope_theta, rope_scaling = _rope(hf, arch, drop_rope_scaling)
     hidden = int(_get(hf, "hidden_size", arch))
     heads = int(_get(hf, "num_attention_heads", arch))
     fields: dict[str, Any] = dict(
@@ -171,7 +203,8 @@ def config_from_hf(
         head_dim=int(_get(hf, "head_dim", arch, hidden // heads)),
         mlp_dim=int(_get(hf, "intermediate_size", arch)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_theta=_rope_theta(hf, arch, drop_rope_scaling),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(_get(hf, "rms_norm_eps", arch, 1e-6)),
         max_seq_len=int(hf.get("max_position_embeddings") or 4096),
         param_dtype=param_dtype,
@@ -203,11 +236,7 @@ def config_from_hf(
             ratio = (heads - noise) // noise
         attn_eps = hf.get("attn_rms_norm_eps")
         if attn_eps is not None and float(attn_eps) != fields["norm_eps"]:
-            warnings.warn(
-                f"config.json ({arch}): attn_rms_norm_eps={attn_eps} differs from rms_norm_eps={fields['norm_eps']}; "
-                "motif_jax uses one norm_eps for every RMSNorm (SubLN included), so SubLN uses rms_norm_eps",
-                stacklevel=2,
-            )
+            fields["attn_norm_eps"] = float(attn_eps)  # differential attention's SubLN has its own epsilon
         fields.update(
             attention="differential",
             diff_ratio=ratio,
@@ -234,10 +263,12 @@ def default_architecture(cfg: ModelConfig) -> str:
 
 
 def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: str = "float32",
-                 base: dict | None = None) -> dict:
+                 base: dict | None = None, token_ids: dict | None = None) -> dict:
     """Our ModelConfig -> Hugging Face ``config.json`` dict for ``arch`` (default: from the model's features).
 
-    ``base`` (an imported model's original config.json) contributes token ids (bos/eos/pad) only.
+    ``token_ids`` (``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of the tokenizer the model was trained
+    with) are written as given; without them ``base`` (an imported model's original config.json) contributes its
+    token ids.
     """
     arch = arch or default_architecture(cfg)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -273,8 +304,7 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: str = "float3
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **_rope_to_hf(cfg.rope_theta, cfg.rope_scaling),
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -297,7 +327,7 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: str = "float3
         hf.update(
             num_noise_heads=cfg.num_query_groups,
             k_ratio=1,
-            attn_rms_norm_eps=cfg.norm_eps,
+            attn_rms_norm_eps=cfg.attn_norm_eps or cfg.norm_eps,
             hidden_act="poly_norm" if cfg.mlp == "polynorm" else "silu",
             use_bias=False,
             auto_map={
@@ -306,6 +336,8 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None, dtype: str = "float3
             },
         )
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if base and base.get(key) is not None:
+        if token_ids is not None:
+            hf[key] = token_ids.get(key)
+        elif base and base.get(key) is not None:
             hf[key] = base[key]
     return hf

@@ -52,7 +52,7 @@ TOKENIZER_FILES = (
 # ModelConfig fields that define the parameters (shapes and meaning); the rest are run-time choices.
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "attention",
-    "diff_ratio", "mlp", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps",
+    "diff_ratio", "mlp", "qk_norm", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "attn_norm_eps",
 )
 
 

@@ -126,8 +126,17 @@ class ChatTemplate:
     def assistant_spans(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
         """(rendered conversation, character spans of its assistant turns); see the module docstring."""
         full, marked = self.render(messages, **kwargs)
-        if marked:
-            return full, marked
+        spans = marked or self._prefix_spans(full, messages, **kwargs)
+        for i, (a, b) in zip([i for i, m in enumerate(messages) if m["role"] == "assistant"], spans):
+            reasoning = (messages[i].get("reasoning") or "").strip()
+            if reasoning and reasoning not in full[a:b]:
+                raise TemplateError(
+                    f"--{self.flag}: {self.name} does not render the reasoning of assistant turn {i} "
+                    "(reasoning_content) where that turn is trained; give a template that writes it, or train on "
+                    "records without reasoning")
+        return full, spans
+
+    def _prefix_spans(self, full: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[tuple[int, int]]:
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -149,7 +158,7 @@ class ChatTemplate:
                     "(e.g. it drops the reasoning of earlier turns), so its loss mask cannot be found by rendering "
                     "prefixes; give a template with {% generation %} markers or train on one assistant turn")
             spans.append((len(prefix), end))
-        return full, spans
+        return spans
 
 
 def _common_prefix(a: str, b: str) -> str:

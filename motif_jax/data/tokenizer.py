@@ -256,6 +256,14 @@ class HFTokenizer:
             raise TokenizerError(f"{self.path}: no token {token!r} in this vocabulary")
         return int(i)
 
+    def config_token_ids(self) -> dict[str, int | list[int] | None]:
+        """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for a Hugging Face ``config.json``: what this
+        tokenizer renders and stops on (several stop tokens give a list, as Llama-3.1 and Qwen3 configs do)."""
+        bos = self.token_names.get("bos_token")
+        return {"bos_token_id": None if bos is None else self._tok.token_to_id(bos),
+                "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else list(self.stop_ids),
+                "pad_token_id": self.pad_id}
+
     def save(self, directory: str | Path) -> None:
         """Writes the tokenizer as it is used here (vocabulary, special tokens, chat template) to ``directory``, so
         a policy directory, an export and every later stage render and stop exactly the same way."""

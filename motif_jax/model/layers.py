@@ -6,14 +6,16 @@ in config, never here) and key activations are tagged with ``checkpoint_name`` f
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from motif_jax.config import ModelConfig
+from motif_jax.config import ModelConfig, RopeScalingConfig
 from motif_jax.model import remat
 from motif_jax.model.attention import attend
 from motif_jax.model.context_attention import context_parallel_attention
@@ -52,13 +54,54 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half (NeoX) rotary embedding over the full head dim. x: [B, T, H, D]; positions: [B, T]."""
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig = RopeScalingConfig()
+                     ) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [head_dim / 2] float32, attention factor): plain RoPE, or the ``yarn`` / ``llama3``
+    scaled frequencies as transformers computes them (so imported checkpoints keep their long-context behaviour)."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    if scaling.type == "none":
+        return inv_freq.astype(np.float32), 1.0
+    factor, orig = scaling.factor, scaling.original_max_len
+    if scaling.type == "llama3":
+        low_wavelen, high_wavelen = orig / scaling.low_freq_factor, orig / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, blended, scaled).astype(np.float32), 1.0
+    # yarn: interpolate the long wavelengths, keep the short ones, blend linearly in between
+    attention = scaling.attention_factor
+    if not attention:
+        attention = (_yarn_mscale(factor, scaling.mscale) / _yarn_mscale(factor, scaling.mscale_all_dim)
+                     if scaling.mscale and scaling.mscale_all_dim else _yarn_mscale(factor))
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high  # no division by zero
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: the original frequency (short wavelengths), 0: interpolated
+    inv = (inv_freq / factor) * (1 - keep) + inv_freq * keep
+    return inv.astype(np.float32), float(attention)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor: float = 1.0) -> jax.Array:
+    """Rotate-half (NeoX) rotary embedding over the full head dim. x: [B, T, H, D]; positions: [B, T];
+    inv_freq: [D / 2] from :func:`rope_frequencies` (cos and sin are scaled by ``attention_factor``)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
+    sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -93,7 +136,7 @@ class Attention(nnx.Module):
             self.lambda_k1 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
             self.lambda_q2 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
             self.lambda_k2 = param(rngs, lam, (hd,), jnp.float32, ("norm",))
-            self.subln = RMSNorm(2 * hd, cfg, rngs=rngs)
+            self.subln = RMSNorm(2 * hd, cfg, rngs=rngs, eps=cfg.attn_norm_eps or None)
 
     def __call__(self, x, segment_ids, positions, layer_index, kv_cache=None, cache_index=None):
         """x: [B, T, embed]; segment_ids, positions: [B, T] int32; layer_index: scalar int32.
@@ -113,8 +156,9 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        inv_freq, attention_factor = rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+        q = rope(q, positions, inv_freq, attention_factor)
+        k = rope(k, positions, inv_freq, attention_factor)
 
         new_kv = None
         kv_seg, kv_pos = segment_ids, positions
