@@ -146,3 +146,42 @@ def test_templates_that_cannot_give_a_mask_or_drop_reasoning_are_refused(tmp_pat
     np.testing.assert_array_equal(apply_template(SINGLE[:2] + [{"role": "assistant", "content": "x"}], llama)[0],
                                   llama.encode(llama.chat_template.render(SINGLE[:2] + [
                                       {"role": "assistant", "content": "x"}])[0]))
+
+
+def test_tokenizer_problems_are_one_line_errors_in_every_script(tmp_path):
+    """A tokenizer without a chat template (and without the built-in format's tokens) or naming a token that is not
+    in its vocabulary: scripts/sft.py, scripts/rl.py and scripts/score_traces.py exit 2 with one line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    plain = make_model_dir(tmp_path, "qwen3", markers=False)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    (plain / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    policy = tmp_path / "policy"  # a policy directory whose tokenizer names an EOS its vocabulary lacks
+    from motif_jax.config import ModelConfig
+    from motif_jax.model.transformer import create_model
+    from motif_jax.train.checkpoint import save_policy
+
+    from flax import nnx
+
+    save_policy(policy, ModelConfig(vocab_size=512), nnx.split(create_model(ModelConfig(vocab_size=512)))[1], "byte")
+    src = make_model_dir(tmp_path / "src", "qwen3", markers=False)
+    for f in ("tokenizer.json", "generation_config.json"):
+        (policy / f).write_bytes((src / f).read_bytes())
+    (policy / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_nothing|>", "chat_template": "x"}))
+    (policy / "policy.json").write_text(json.dumps({"tokenizer": "tokenizer.json"}))
+    cases = [
+        (["scripts/sft.py", "--config", "configs/sft/tiny-arith.yaml", "--data.tokenizer", str(plain),
+          "--model.vocab-size", "512", "--run-dir", str(tmp_path / "a")], "has no chat template"),
+        (["scripts/rl.py", "--init-from", str(policy), "--run-dir", str(tmp_path / "b")], "is not a token"),
+        (["scripts/score_traces.py", "--policy", str(policy), "--traces", "synthetic:addition?n=4",
+          "--out", str(tmp_path / "k.jsonl")], "is not a token"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    for args, words in cases:
+        out = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+        assert lines[-1].startswith("error: ") and words in lines[-1], (args, lines[-1])

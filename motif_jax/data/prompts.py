@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from motif_jax.config import ConfigError
 from motif_jax.data.records import TraceFormatError, detect_format, iter_valid, open_reader
@@ -26,7 +26,17 @@ def _format(path: Path) -> str:
         return "jsonl"
 
 
-def load_prompt_records(spec: str, *, limit: int | None = None, flag: str = "prompts") -> list[dict[str, Any]]:
+def route_tasks(records: list[dict[str, Any]], task_verifiers: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Records whose ``task`` has an entry in ``task_verifiers`` (and that name no ``verifiers`` of their own) get
+    ``verifiers: [that one]``: the routing --task-verifiers gives evaluation and rewards alike."""
+    if not task_verifiers:
+        return records
+    return [{**r, "verifiers": [task_verifiers[r.get("task")]]} if r.get("task") in task_verifiers and
+            "verifiers" not in r else r for r in records]
+
+
+def load_prompt_records(spec: str, *, limit: int | None = None, flag: str = "prompts",
+                        task_verifiers: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Prompt records from a ``synthetic:...`` spec or a JSONL file.
 
     A JSONL line is a record with ``messages`` (the conversation up to the answer; a trailing assistant turn is the
@@ -34,6 +44,10 @@ def load_prompt_records(spec: str, *, limit: int | None = None, flag: str = "pro
     (default ``<file>:<line>``), ``task`` and the verifier fields (``answer``, ``tests``, ``constraints``, ...)
     pass through. Raises ConfigError naming ``--<flag>`` for a missing file or a malformed line.
     """
+    return route_tasks(_load(spec, limit, flag), task_verifiers or {})
+
+
+def _load(spec: str, limit: int | None, flag: str) -> list[dict[str, Any]]:
     if is_synthetic_spec(spec):
         try:
             records = synthetic_records(spec)

@@ -13,7 +13,7 @@ A record (full description with examples in docs/data.md)::
       ],
       "answer": "42",                                      # str, optional: reference answer for the verifier
       "tests": [{"input": "1 2", "output": "3"}],          # list, optional: test cases (objects or strings)
-      "provenance": {"source": "synthetic", "teacher": null, "style": "aligned"},   # required object
+      "provenance": {"source": "synthetic", "teacher": null, "style": "aligned"},   # optional: where it came from
       "scores": {"nll": 0.31},                             # {str: number}, optional (alignment scores)
       "meta": {...}                                        # object, optional, free-form
     }
@@ -41,8 +41,10 @@ import numpy as np
 
 OnError = Literal["raise", "skip"]
 ROLES = ("system", "user", "assistant")
-REQUIRED_FIELDS = ("id", "task", "messages", "provenance")
-OPTIONAL_FIELDS = ("answer", "tests", "scores", "meta")
+REQUIRED_FIELDS = ("id", "task", "messages")
+# provenance is optional (a user's own chat data rarely says which teacher wrote it); when absent it is recorded as
+# {"source": <file name>, "teacher": None, "style": "unknown"}.
+OPTIONAL_FIELDS = ("answer", "tests", "scores", "meta", "provenance")
 MESSAGE_FIELDS = ("role", "content", "reasoning")
 PROVENANCE_FIELDS = ("source", "teacher", "style")
 FORMATS = ("jsonl", "parquet", "arrayrecord")
@@ -185,7 +187,9 @@ def validate_record(obj: Any, *, path: str = "", location: str = "") -> dict[str
         raise err("messages", "no assistant message: nothing to train on", "no_assistant")
     out["messages"] = clean_msgs
 
-    prov = obj["provenance"]
+    prov = obj.get("provenance")
+    if prov is None:
+        prov = {"source": os.path.basename(path) or "unknown", "teacher": None, "style": "unknown"}
     if not isinstance(prov, dict):
         raise err("provenance", f"expected object, got {_tname(prov)}", "wrong_type")
     extra = sorted(k for k in set(prov) - set(PROVENANCE_FIELDS) if prov[k] is not None)

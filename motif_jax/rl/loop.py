@@ -104,11 +104,13 @@ class RLTrainer(Trainer):
         self.tx = make_optimizer(cfg.optim, total_steps, schedule=self.schedule)
 
         # -- prompts, verifiers, RL state ------------------------------------------------------------------------------
-        pool, pool_tokens = self._fit_prompts(load_prompt_records(cfg.prompts), "prompts")
+        pool, pool_tokens = self._fit_prompts(load_prompt_records(cfg.prompts, task_verifiers=cfg.task_verifiers),
+                                              "prompts")
         if len({str(r["id"]) for r in pool}) != len(pool):
             raise ConfigError("--prompts: prompt ids are not unique")
         if cfg.eval.heldout:
-            records = load_prompt_records(cfg.eval.heldout, limit=cfg.eval.num_records, flag="eval.heldout")
+            records = load_prompt_records(cfg.eval.heldout, limit=cfg.eval.num_records, flag="eval.heldout",
+                                          task_verifiers=cfg.task_verifiers)
             self.eval_records, _ = self._fit_prompts(records, "eval.heldout")
         self.verifiers = dict(verifiers) if verifiers is not None else {
             k: v for k, v in default_verifiers(cfg.sandbox).items() if k in cfg.verifiers}

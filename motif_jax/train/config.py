@@ -184,6 +184,10 @@ class RunConfig:
     re-running the same command resumes. For time-boxed cluster jobs and resume tests."""
     max_minutes: float = 0.0
     """Wall-clock budget of the whole run, resumes included: save, evaluate and finish once spent (0: no limit)."""
+    task_verifiers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Verifier (exact, steps, math, code, format) that checks the answers of each task name, for evaluation and
+    RL rewards alike, e.g. {algebra: math}; records that name their own 'verifiers' keep them (default: a record's
+    answer_type, else math for task 'math', else exact)."""
 
     def __post_init__(self) -> None:
         require(bool(self.run_dir), "run-dir", "give a directory for logs and checkpoints")
@@ -192,3 +196,6 @@ class RunConfig:
         require(self.stop_after_steps >= 0, "stop-after-steps", "must be >= 0 (0: run to the end)")
         require(math.isfinite(self.max_minutes) and self.max_minutes >= 0, "max-minutes",
                 "must be a finite number >= 0 (0: no limit)")
+        known = ("exact", "steps", "math", "code", "format")
+        bad = {t: v for t, v in self.task_verifiers.items() if v not in known}
+        require(not bad, "task-verifiers", f"{bad}: choose verifiers from {known}")

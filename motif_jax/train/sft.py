@@ -118,7 +118,8 @@ class SFTTrainer(Trainer):
         self.loss = lm_loss(self.graphdef, cfg.train)
         self._compiled: dict[tuple[int, int], CompiledStep] = {}
         if cfg.eval.heldout:
-            self.eval_records = load_prompt_records(cfg.eval.heldout, limit=cfg.eval.num_records, flag="eval.heldout")
+            self.eval_records = load_prompt_records(cfg.eval.heldout, limit=cfg.eval.num_records, flag="eval.heldout",
+                                                    task_verifiers=cfg.task_verifiers)
         self._eval_batches = self._heldout_batches()
         self._context = self.mesh.shape.get("context", 1)
         self._peak = cfg.peak_flops_per_device or next(
