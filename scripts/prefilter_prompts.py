@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from motif_jax import cli
@@ -30,6 +29,7 @@ from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.generate import SamplingConfig
 from motif_jax.model.transformer import abstract_model
 from motif_jax.rl.config import SandboxConfig
+from motif_jax.rl.engines.jax_engine import JaxEngine
 from motif_jax.rl.rollout import measure_pass_rates, prompt_tokens
 from motif_jax.rl.verifiers import default_verifiers
 from motif_jax.train.checkpoint import load_policy_params
@@ -101,8 +101,9 @@ def prefilter(cfg: PrefilterConfig) -> dict:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop_tokens=stop_token_ids(tok), prompt_bucket=cfg.max_prompt_len)
     verifiers = {k: v for k, v in default_verifiers(cfg.sandbox).items() if k in cfg.verifiers}
-    stats = measure_pass_rates(graphdef, params, kept_recs, prompts, samples=cfg.samples, sampling=sampling,
-                               tokenizer=tok, verifiers=verifiers, key=jax.random.key(cfg.seed),
+    engine = JaxEngine(graphdef=graphdef, params=params, pad_id=tok.pad_id)
+    stats = measure_pass_rates(engine, kept_recs, prompts, samples=cfg.samples, sampling=sampling,
+                               tokenizer=tok, verifiers=verifiers, seed=cfg.seed,
                                batch_prompts=min(cfg.batch_prompts, len(kept_recs)),
                                success_threshold=cfg.success_threshold)
     out = Path(cfg.out)

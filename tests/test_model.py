@@ -95,6 +95,34 @@ def test_kv_cache_decoding_matches_full_forward(name):
         np.testing.assert_allclose(out.logprobs[i], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_samples_sharing_a_prefill_are_exact_and_compile_once(name):
+    """num_samples: one prefill per prompt, its cache repeated for the samples. Each sampled row's log-probs are
+    those of a full forward pass over its own tokens; greedy samples equal greedy decoding of the prompt alone; a
+    second call with other prompts of the same bucket reuses the compiled program."""
+    from motif_jax.model.generate import _generate
+
+    model = create_model(CONFIGS[name], seed=6)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, stop_tokens=(), prompt_bucket=8)
+    out = generate(model, prompts, jax.random.key(1), cfg, num_samples=3)
+    assert out.tokens.shape == (6, 6) and len({tuple(r) for r in out.tokens.tolist()}) > 2  # samples differ
+    for row in range(6):
+        p = prompts[row // 3]
+        seq = p + out.tokens[row].tolist()
+        h, _ = model(jnp.asarray([seq]))
+        logp = jax.nn.log_softmax(model.logits(h[0]) / 0.8, axis=-1)
+        expected = [float(logp[len(p) - 1 + j, seq[len(p) + j]]) for j in range(6)]
+        np.testing.assert_allclose(out.logprobs[row], expected, atol=1e-5)
+    greedy = SamplingConfig(max_new_tokens=6, greedy=True, stop_tokens=(), prompt_bucket=8)
+    alone = generate(model, prompts, jax.random.key(0), greedy)
+    shared = generate(model, prompts, jax.random.key(0), greedy, num_samples=2)
+    np.testing.assert_array_equal(shared.tokens, np.repeat(alone.tokens, 2, axis=0))
+    compiles = _generate._cache_size()
+    generate(model, [[20, 21], [22, 23, 24, 25]], jax.random.key(2), cfg, num_samples=3)
+    assert _generate._cache_size() == compiles
+
+
 def test_generation_stops_and_reports_finish_reason():
     model = create_model(STANDARD, seed=7)
     greedy = generate(model, [[5, 6, 7]], jax.random.key(0), SamplingConfig(max_new_tokens=6, greedy=True,

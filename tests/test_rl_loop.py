@@ -24,7 +24,7 @@ from motif_jax.rl.buffer import Group, Trajectory, collate
 from motif_jax.rl.config import (BufferConfig, DifficultyConfig, RLConfig, RLObjectiveConfig, RolloutConfig,
                                  UpdateConfig)
 from motif_jax.rl.objective import group_advantages, policy_loss_terms
-from motif_jax.rl.rollout import sample_groups, score_groups
+from motif_jax.rl.rollout import score_groups
 from motif_jax.rl.step import RL_BATCH_KEYS, policy_loss
 from motif_jax.rl.update import minibatch_rows, round_rows
 from motif_jax.rl.verifiers import VerifierResult, default_verifiers
@@ -404,8 +404,7 @@ def test_trainer_log_probs_match_the_samplers_at_temperature(straight_run):
     softmax(z / tau) (tau = 0.8 here): |lp - lb| is numerical noise for a policy that has not moved."""
     trainer = straight_run[0]
     col = trainer.collector
-    gen = sample_groups(trainer.graphdef, trainer.state.params, col.pool_tokens[:4], 8, jax.random.key(7),
-                        col.sampling, trainer.tokenizer.pad_id)
+    gen = trainer.engine.generate(col.pool_tokens[:4], 8, col.sampling, seed=7)
     groups, stats = score_groups(col.pool[:4], col.pool_tokens[:4], gen, group_size=8, tokenizer=trainer.tokenizer,
                                  verifiers={"exact": default_verifiers()["exact"]}, version=3,
                                  group_ids=list("abcd"))
@@ -428,9 +427,9 @@ def test_prefilter_measures_pass_rates_and_seeds_the_tracker(tmp_path, straight_
     trainer = straight_run[0]
     col = trainer.collector
     recs, toks = col.pool[:5], col.pool_tokens[:5]
-    stats = measure_pass_rates(trainer.graphdef, trainer.state.params, recs, toks, samples=8,
+    stats = measure_pass_rates(trainer.engine, recs, toks, samples=8,
                                sampling=col.sampling, tokenizer=trainer.tokenizer, verifiers=VERIFIERS,
-                               key=jax.random.key(0), batch_prompts=4, success_threshold=0.05)
+                               seed=0, batch_prompts=4, success_threshold=0.05)
     assert len(stats) == 5 and all(s["attempts"] == 8 and 0 <= s["successes"] <= 8 for s in stats)
     assert all(s["pass_rate"] == s["successes"] / 8 for s in stats)
     path = tmp_path / "pool.jsonl"

@@ -1,9 +1,18 @@
-"""Verifiers: answer extraction, exact and math answers, reward hacking, code tests, format checks, combination."""
+"""Verifiers: answer extraction, exact and math answers, reward hacking (answers and code), code tests, format checks,
+combination. Code cases run in both sandbox isolation modes where the machine allows namespaces."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import textwrap
+from decimal import Decimal
+from fractions import Fraction
+
 import numpy as np
 import pytest
+from test_rl_sandbox import MODES, TEMP_DIR, UID_BASE, UID_COUNT, _leftover_run_dirs, _sandbox_uid_processes
 
 from motif_jax.rl.config import SandboxConfig
 from motif_jax.rl.verifiers import (
@@ -13,6 +22,8 @@ from motif_jax.rl.verifiers import (
     MathVerifier,
     Verifier,
     VerifierResult,
+    _wire_decode,
+    _wire_encode,
     combine_rewards,
     default_verifiers,
     extract_answer,
@@ -125,11 +136,52 @@ def test_routing_and_applicability():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# code
+# code: in both isolation modes where the machine allows namespaces (see test_rl_sandbox.py)
 
 
-SBX = SandboxConfig(isolation="process", timeout_s=1.0, cpu_time_s=1, memory_mb=256)
+def _sbx(mode: str = "process", **kw) -> SandboxConfig:
+    base = {"isolation": mode, "timeout_s": 2.0, "cpu_time_s": 2, "memory_mb": 256, "uid_base": UID_BASE,
+            "uid_count": UID_COUNT, "temp_dir": TEMP_DIR}
+    return SandboxConfig(**{**base, **kw})
+
+
+SBX = _sbx()
 CODE = CodeVerifier(sandbox=SBX, max_workers=2)
+
+
+def _verify(mode: str, record: dict, code: str, **kw) -> VerifierResult:
+    """Score ``code`` on ``record``; nothing of the runs may be left running or on disk afterwards."""
+    verifier = CodeVerifier(sandbox=_sbx(mode), max_workers=2, **kw)
+    cwd, env, fds = os.getcwd(), dict(os.environ), _open_fds()
+    r = verifier(record, f"```python\n{code}\n```")
+    assert _leftover_run_dirs() == []
+    assert _sandbox_uid_processes(verifier.sandbox) == []
+    assert _processes_under(TEMP_DIR) == []
+    assert os.getcwd() == cwd and dict(os.environ) == env
+    assert _open_fds() == fds  # every pipe of the relay is closed
+    return r
+
+
+def _open_fds() -> list[str]:
+    """What this process's file descriptors point to (the sandbox's per-process lock file aside)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if not target.endswith("/.lock") and not target.startswith("/proc/"):
+                out.append(target)
+    return sorted(out)
+
+
+def _processes_under(path: str) -> list[int]:
+    real = os.path.realpath(path)
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{name}/cwd").startswith(real):
+                    out.append(int(name))
+    return out
 
 
 def test_extract_code_takes_last_python_block_after_thinking():
@@ -139,24 +191,29 @@ def test_extract_code_takes_last_python_block_after_thinking():
     assert extract_code("no code") is None
 
 
-def test_code_stdin_tests_fraction_passed():
+@pytest.mark.parametrize("mode", MODES)
+def test_code_stdin_tests_fraction_passed(mode):
     record = {"tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5\n", "output": "10"},
                         {"input": "2 2\n", "output": "5\n"}]}
-    resp = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
-    r = CODE(record, resp)
+    r = _verify(mode, record, "a, b = map(int, input().split())\nprint(a + b)")
     assert r.status == "ok"
+    assert r.score == pytest.approx(2 / 3)
+    # printing the answer and then exiting is legitimate for stdin/stdout tasks
+    r = _verify(mode, record, "import sys\na, b = map(int, input().split())\nprint(a + b)\nsys.exit(0)")
     assert r.score == pytest.approx(2 / 3)
 
 
-def test_code_assert_tests():
+@pytest.mark.parametrize("mode", MODES)
+def test_code_assert_tests(mode):
     record = {"tests": ["assert sq(3) == 9", {"assert": "assert sq(-2) == 4"}, "assert sq(2) == 5"]}
-    r = CODE(record, "```python\ndef sq(x):\n    return x * x\n```")
+    r = _verify(mode, record, "def sq(x):\n    return x * x")
     assert r.status == "ok" and r.score == pytest.approx(2 / 3)
+    assert "'passed': 2" in r.detail and "'failed': 1" in r.detail
 
 
 def test_code_timeout_and_missing_code():
     record = {"tests": [{"input": "", "output": "1"}, {"input": "", "output": "1"}]}
-    r = CODE(record, "```python\nwhile True:\n    pass\n```")
+    r = CodeVerifier(sandbox=_sbx(timeout_s=1.0, cpu_time_s=1))(record, "```python\nwhile True:\n    pass\n```")
     assert r.status == "timeout" and r.score == 0.0
     r = CODE(record, "I would write a loop.")
     assert r.status == "parse_error" and r.score == 0.0
@@ -166,6 +223,159 @@ def test_code_hostile_solution_scores_zero():
     record = {"tests": [{"input": "", "output": "ok"}]}
     r = CODE(record, "```python\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\nprint('ok')\n```")
     assert r.score == 0.0
+
+
+WRONG = "def sq(x):\n    return 0\n"
+HACKS = {
+    # (solution, status): each is a wrong solution plus a trick that scored 1.0 when a test passed on exit status 0
+    "sys_exit": (WRONG + "import sys\nsys.exit(0)", "exited_early"),
+    "os_exit": (WRONG + "import os\nos._exit(0)", "exited_early"),
+    "exit_inside_the_call": ("def sq(x):\n    import os\n    os._exit(0)", "exited_early"),
+    "system_exit_inside_the_call": ("def sq(x):\n    raise SystemExit(0)", "exited_early"),
+    "kill_itself": ("def sq(x):\n    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)", "exited_early"),
+    "eq_always_true": ("class A:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+                       + "def sq(x):\n    return A()", "tampered"),
+    "int_subclass_eq": ("class A(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                        + "def sq(x):\n    return A(0)", "tampered"),
+    "forged_replies_on_every_fd": (WRONG + "import os\nfor fd in range(3, 30):\n    try:\n        os.write(fd, "
+                                   "b'{\"spoil\": [\"pass\", \"\"]}\\n{\"op\": \"verdict\", \"verdict\": \"pass\"}\\n')"
+                                   "\n    except OSError:\n        pass\nprint('{\"verdict\": \"pass\"}')",
+                                   "tampered"),
+    # these do nothing any more: the test fails as a plain wrong answer
+    "atexit_os_exit": ("import atexit, os\natexit.register(lambda: os._exit(0))\n" + WRONG, "ok"),
+    "patched_builtins": (WRONG + "import builtins\nbuiltins.AssertionError = type('E', (Exception,), {})\n"
+                         "builtins.abs = lambda x: 0", "ok"),
+}
+
+
+@pytest.mark.parametrize("hack", sorted(HACKS))
+@pytest.mark.parametrize("mode", MODES)
+def test_reward_hacks_score_zero(mode, hack):
+    code, status = HACKS[hack]
+    record = {"tests": ["assert sq(3) == 9", "assert abs(sq(2) - 4) < 1e-9 and isinstance(sq(1), int)"]}
+    r = _verify(mode, record, code)
+    assert r.score == 0.0 and r.status == status, r
+    if status == "ok":
+        assert "'failed': 2" in r.detail
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truthiness_of_a_solution_object_cannot_be_forged(mode):
+    code = "class Yes:\n    def __bool__(self):\n        return True\ndef is_prime(n):\n    return Yes()"
+    r = _verify(mode, {"tests": ["assert is_prime(7)", "assert not is_prime(8)"]}, code)
+    assert r.score == 0.0 and r.status == "tampered"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expected_values_never_reach_the_solution(mode):
+    # A solution that searches its own program and memory for the expected value finds nothing to copy.
+    code = ("import linecache, sys\n"
+            "def f(x):\n    src = ''.join(linecache.cache['solution.py'][2])\n"
+            "    seen = src + repr(sys.argv) + open('/proc/self/cmdline', 'rb').read().decode('latin-1')\n"
+            "    needle = str(987654320 + 1)\n    return int(needle) if needle in seen else -1")
+    r = _verify(mode, {"tests": ["assert f(1) == 987654321"]}, code)
+    assert r.score == 0.0 and r.status == "ok"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unjudgeable_replies(mode):
+    # Over max_message_bytes: output_limit. A solution that dies while answering: exited_early.
+    r = _verify(mode, {"tests": ["assert len(big(1)) == 3"]}, "def big(n):\n    return 'x' * (3 << 20)")
+    assert r.score == 0.0 and "output_limit" in r.detail
+    r = _verify(mode, {"tests": ["assert sq(2) == 4", "assert sq(3) == 9"]}, "import sys\nsys.exit(1)")
+    assert r.score == 0.0 and "runtime_error" in r.detail  # a crash before answering is not hacking
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_honest_solutions_in_many_test_styles_pass(mode):
+    code = textwrap.dedent("""
+        import collections, fractions
+        from typing import List
+        MOD = 10**9 + 7
+        Point = collections.namedtuple("Point", "x y")
+
+        def sq(x):
+            return x * x
+
+        def scale(x, *, by=1):
+            return x * by
+
+        def count(s):
+            return collections.Counter(s)
+
+        def half(n):
+            return fractions.Fraction(n, 2)
+
+        def pts():
+            return [Point(0, 1), Point(2, 3)]
+
+        def evens(n):
+            for i in range(n):
+                if i % 2 == 0:
+                    yield i
+
+        def check_positive(n):
+            if n <= 0:
+                raise ValueError("not positive")
+            return True
+
+        def mean(xs):
+            return sum(xs) / len(xs)
+
+        class Solution:
+            def twoSum(self, nums: List[int], target: int) -> List[int]:
+                seen = {}
+                for i, v in enumerate(nums):
+                    if target - v in seen:
+                        return [seen[target - v], i]
+                    seen[v] = i
+
+        if __name__ == "__main__":
+            pass
+    """)
+    tests = [
+        "assert sq(3) == 9 and sq(-2) == 4",
+        "def check(candidate):\n    assert candidate(2) == 4\n    assert abs(mean([1, 2]) - 1.5) < 1e-9\ncheck(sq)",
+        "assert scale(2, by=3) == 6",
+        "assert count('aab') == {'a': 2, 'b': 1}",
+        "import fractions\nassert half(3) == fractions.Fraction(3, 2)",
+        "assert pts() == [(0, 1), (2, 3)] and pts()[1].__class__ is tuple",
+        "assert list(evens(5)) == [0, 2, 4] and [x for x in evens(3)] == [0, 2] and 4 in evens(5)",
+        "assert len(pts()) == 2 and pts()[0] == (0, 1) and count('ab')['a'] == 1",
+        "try:\n    check_positive(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no error')",
+        "assert Solution().twoSum([2, 7, 11], 9) == [0, 1]",
+        "assert MOD == 1000000007 and sq(10**30) == 10**60 and sq(1.5) == 2.25",
+        "assert {sq(2), sq(-2)} == {4} and sq(b'ab'[0]) == 9409 and sq(1j) == -1",
+    ]
+    r = _verify(mode, {"tests": tests}, code)
+    assert r.score == 1.0 and r.status == "ok", r.detail
+
+
+def test_malformed_test_is_an_error():
+    r = CODE({"tests": ["assert sq(3) == "]}, "```python\ndef sq(x):\n    return x * x\n```")
+    assert r.status == "error" and r.score == 0.0
+
+
+@pytest.mark.parametrize("value", [None, True, 3, -(1 << 80), 2.5, float("inf"), "é\ud800", b"\x00\xff",
+                                   bytearray(b"ab"), 1 + 2j, [1, (2, 3)], {"a": {1, 2}}, frozenset({(1, "x")}),
+                                   {(1, 2): [None]}, Fraction(3, 7), Decimal("1.25")])
+def test_wire_format_round_trips_plain_values(value):
+    wire = json.loads(json.dumps(_wire_encode(value, lambda v: pytest.fail(f"{v!r} is plain"))))
+    back = _wire_decode(wire, lambda tag, body: pytest.fail("no refs"))
+    assert back == value and type(back) is type(value)
+
+
+def test_wire_format_sends_other_objects_by_handle_and_rejects_malformed_input():
+    class Odd:
+        pass
+
+    kept = []
+    assert _wire_encode([Odd()], lambda v: kept.append(v) or {"H": [0, "Odd"]}) == {"L": [{"H": [0, "Odd"]}]}
+    assert len(kept) == 1
+    for bad in ({"L": 3}, {"X": []}, {"D": [[1]]}, {"I": 5}, {"L": [], "T": []}, {"H": ["0", "Odd"]},
+                {"S": [{"L": []}]}, {"Q": [1, 0]}, {"C": ["1", 2]}):
+        with pytest.raises((ValueError, TypeError, ZeroDivisionError)):
+            _wire_decode(bad, lambda tag, body: None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

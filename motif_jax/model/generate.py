@@ -2,7 +2,12 @@
 
 Used by SFT evaluation (greedy), RL rollouts (sampled, with behaviour log-probs) and trace scoring. Everything from
 prefill to the last token is one jitted program (``lax.while_loop`` that stops when every row has finished), compiled
-once per (prompt bucket, batch, max_new_tokens, sampling settings).
+once per (prompt bucket, batch, samples per prompt, max_new_tokens, sampling settings).
+
+``num_samples`` > 1 (RL's G responses per prompt) prefills each prompt once and repeats its KV cache for its
+samples, which then draw their own tokens from the first one on. The cache travels whole through the decode loop
+and every layer writes its slice in place (``motif_jax.model.transformer``), so a decode step costs what its rows
+compute, not a copy of the cache. Under an active mesh the batch rows follow the ``batch`` rule's axes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from motif_jax.model.transformer import Decoder, init_kv_cache
+from motif_jax.parallel.rules import constrain
 
 FINISH_STOP = 0  # a stop token was generated (it is included in the output)
 FINISH_LENGTH = 1  # max_new_tokens reached
@@ -93,16 +99,33 @@ def _sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id"))
-def _generate(graphdef, state, tokens, segments, rng, *, cfg: SamplingConfig, pad_id: int):
+def _constrain_cache(cache):
+    """Cache rows over the ``batch`` rule's axes (k, v: [layers, B, S, kv_heads, head_dim])."""
+    out = dict(cache)
+    for name in ("k", "v"):
+        out[name] = constrain(cache[name], (None, "batch", None, "kv_heads", None))
+    for name in ("segment_ids", "positions"):
+        out[name] = constrain(cache[name], ("batch", None))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "pad_id", "num_samples"))
+def _generate(graphdef, state, tokens, segments, rng, *, cfg: SamplingConfig, pad_id: int, num_samples: int = 1):
     model: Decoder = nnx.merge(graphdef, state)
     b, p = tokens.shape
     n = cfg.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_kv_cache(model.cfg, b, p + n)
+    cache = _constrain_cache(init_kv_cache(model.cfg, b, p + n))
     hidden, cache = model(tokens, segments, positions, kv_cache=cache, cache_index=0)
+    last_logits = model.logits(hidden[:, -1])  # [prompts, V]
+    if num_samples > 1:  # one prefill per prompt; its samples share it and diverge from their first token on
+        rep = lambda a, axis: jnp.repeat(a, num_samples, axis=axis)
+        cache = _constrain_cache({"k": rep(cache["k"], 1), "v": rep(cache["v"], 1),
+                                  "segment_ids": rep(cache["segment_ids"], 0), "positions": rep(cache["positions"], 0)})
+        last_logits, positions = rep(last_logits, 0), rep(positions, 0)
+        b = b * num_samples
     rng, key = jax.random.split(rng)
-    token, logp = _sample(model.logits(hidden[:, -1]), key, cfg)
+    token, logp = _sample(last_logits, key, cfg)
     stops = jnp.asarray(cfg.stop_tokens, jnp.int32)
 
     out_tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
@@ -142,8 +165,10 @@ def generate(
     rng: jax.Array,
     cfg: SamplingConfig = SamplingConfig(),
     pad_id: int = 0,
+    num_samples: int = 1,
 ) -> Generation:
-    """Generates up to ``cfg.max_new_tokens`` tokens after each prompt (lists of token ids, any lengths).
+    """Generates up to ``cfg.max_new_tokens`` tokens after each prompt (lists of token ids, any lengths),
+    ``num_samples`` times per prompt: rows ``i * num_samples .. (i + 1) * num_samples - 1`` answer prompt ``i``.
 
     A row stops after its first stop token (kept in the output, counted in ``lengths``).
     """
@@ -156,5 +181,6 @@ def generate(
             f"max_seq_len {max_len}; shorten prompts or lower max_new_tokens"
         )
     graphdef, state = nnx.split(model)
-    out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), rng, cfg=cfg, pad_id=pad_id)
+    out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), rng, cfg=cfg, pad_id=pad_id,
+                    num_samples=num_samples)
     return Generation(*(np.asarray(x) for x in out))

@@ -141,9 +141,11 @@ class Attention(nnx.Module):
     def __call__(self, x, segment_ids, positions, layer_index, kv_cache=None, cache_index=None):
         """x: [B, T, embed]; segment_ids, positions: [B, T] int32; layer_index: scalar int32.
 
-        kv_cache: None, or a dict with k, v [B, S, Hk, D] and segment_ids, positions [B, S] (the whole cache
-        buffer, already holding this step's segment ids and positions); this step's keys and values are written at
-        ``cache_index`` and attention runs over the whole buffer. Returns (out [B, T, embed], updated (k, v) or None).
+        kv_cache: None, or a dict with k, v [layers, B, S, Hk, D] (every layer's cache, carried whole so the write
+        below is in place: no per-layer slice, copy or re-stack of the cache per decode step) and segment_ids,
+        positions [B, S] (already holding this step's); this step's keys and values are written at
+        (``layer_index``, ``cache_index``) and attention runs over this layer's buffer. Returns (out [B, T, embed],
+        updated (k, v) caches or None).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -163,11 +165,13 @@ class Attention(nnx.Module):
         new_kv = None
         kv_seg, kv_pos = segment_ids, positions
         if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, 1)
-            new_kv = (k, v)
+            start = (layer_index, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype)[None], start)
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype)[None], start)
+            new_kv = (k_all, v_all)
             kv_seg, kv_pos = kv_cache["segment_ids"], kv_cache["positions"]
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer_index, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer_index, keepdims=False).astype(q.dtype)
 
         cp = kv_cache is None and active_context_mesh() is not None  # sequence sharded over `context`
 

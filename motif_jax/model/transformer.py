@@ -74,25 +74,24 @@ class Decoder(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(x, xs):
-            state, index, k_cache, v_cache = xs
+        # The whole [layers, ...] cache travels in the carry, each layer writing its slice in place.
+        def layer(carry, xs):
+            x, caches = carry
+            state, index = xs
             block = nnx.merge(graphdef, state)
-            cache = None if kv_cache is None else {"k": k_cache, "v": v_cache, **shared}
+            cache = None if caches is None else {"k": caches[0], "v": caches[1], **shared}
             x, new_kv = block(x, segment_ids, positions, index, cache, cache_index)
-            return x, new_kv
+            return (x, new_kv), None
 
         layer = apply_remat(layer, cfg.remat_policy)
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        caches = (None, None) if kv_cache is None else (kv_cache["k"], kv_cache["v"])
+        carry = (x, None if kv_cache is None else (kv_cache["k"], kv_cache["v"]))
         if cfg.scan_layers:
-            x, new_kv = jax.lax.scan(layer, x, (layer_state, indices, *caches))
-        else:  # an unrolled loop, for debugging; same parameters and results
-            outs = []
+            carry, _ = jax.lax.scan(layer, carry, (layer_state, indices))
+        else:  # an unrolled loop (faster on small CPUs, compile time grows with depth); same results
             for i in range(cfg.num_layers):
-                xs = jax.tree.map(lambda a: a[i], (layer_state, indices, *caches))
-                x, kv = layer(x, xs)
-                outs.append(kv)
-            new_kv = None if kv_cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                carry, _ = layer(carry, jax.tree.map(lambda a: a[i], (layer_state, indices)))
+        x, new_kv = carry
 
         x = self.final_norm(x)
         if kv_cache is not None:

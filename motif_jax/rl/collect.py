@@ -19,7 +19,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from motif_jax.data.tokenizer import Tokenizer
@@ -28,7 +27,9 @@ from motif_jax.rl.buffer import Group, TrajectoryBuffer
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.difficulty import DifficultyTracker, admit_group, group_pass_rate
 from motif_jax.rl.objective import group_advantages, zero_std_groups
-from motif_jax.rl.rollout import RolloutStats, sample_groups, score_groups
+from motif_jax.rl.engines import RolloutEngine
+from motif_jax.rl.engines.jax_engine import call_seed
+from motif_jax.rl.rollout import RolloutStats, score_groups
 from motif_jax.rl.verifiers import Verifier
 
 __all__ = ["RolloutCollector", "RoundRollouts", "rollout_metrics"]
@@ -88,10 +89,10 @@ class RolloutCollector:
             return False
         return admit_group(group.rewards, self.cfg.difficulty) if self.cfg.band_filter else True
 
-    def collect(self, graphdef: Any, params: Any, buffer: TrajectoryBuffer, *, round_index: int, version: int,
-                rng: np.random.Generator, key: jax.Array) -> RoundRollouts:
-        """Generation calls until the round's fresh groups are admitted (or the over-generation cap); admitted
-        groups get their advantages and enter ``buffer``."""
+    def collect(self, engine: RolloutEngine, buffer: TrajectoryBuffer, *, round_index: int, version: int,
+                rng: np.random.Generator) -> RoundRollouts:
+        """Generation calls of ``engine`` until the round's fresh groups are admitted (or the over-generation cap);
+        admitted groups get their advantages and enter ``buffer``."""
         cfg, ob = self.cfg, self.cfg.objective
         buffer.evict(version)
         fresh_now = sum(1 for g in buffer.groups if g.use_count == 0)
@@ -108,8 +109,8 @@ class RolloutCollector:
             recs = [self.pool[self.by_id[i]] for i in ids]
             toks = [self.pool_tokens[self.by_id[i]] for i in ids]
             t0 = time.time()
-            gen = sample_groups(graphdef, params, toks, cfg.rollout.group_size, jax.random.fold_in(key, out.calls),
-                                self.sampling, self.tokenizer.pad_id)
+            gen = engine.generate(toks, cfg.rollout.group_size, self.sampling,
+                                  seed=call_seed(cfg.seed, round_index, out.calls))
             t1 = time.time()
             groups, stats = score_groups(
                 recs, toks, gen, group_size=cfg.rollout.group_size, tokenizer=self.tokenizer,

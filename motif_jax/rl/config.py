@@ -195,32 +195,55 @@ class BufferConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxConfig:
-    """Limits of the code sandbox (see ``motif_jax.rl.sandbox``).
+    """Limits and isolation of the code sandbox (``motif_jax.rl.sandbox`` lists what each mode guarantees).
 
-    ``isolation``: ``namespaces`` (root + util-linux ``unshare``/``setpriv``: network, mount and PID namespaces, a
-    dedicated unprivileged uid, read-only file system except a private tmpfs working directory), ``process``
-    (resource limits, a new session and Python-level guards only), or ``auto`` (the strongest available).
-    ``python`` is the interpreter for the untrusted code ("" = auto: the current one if the sandbox uid can run it,
-    else a system ``python3``). Namespaced runs use uids ``uid_base .. uid_base + uid_count - 1``, one per
-    concurrent run, so the per-uid process limit applies to each run separately.
+    ``isolation``: ``namespaces`` (root + util-linux ``unshare``/``setpriv``/``pivot_root``: network, IPC, mount, UTS
+    and PID namespaces, a dedicated unprivileged uid, a root file system holding only ``visible_paths`` read-only and
+    a private tmpfs working directory), ``process`` (weaker: resource limits, a supervisor that kills every
+    descendant, Python-level guards; the code runs as the caller and sees its file system), or ``auto`` (the
+    strongest available). Namespaced runs use uids ``uid_base .. uid_base + uid_count - 1``, one per concurrent run,
+    so the per-uid process limit applies to each run separately.
     """
 
+    FLAG_PREFIX: ClassVar[str] = "sandbox."
+
     timeout_s: float = 10.0
+    """Wall-clock limit of one run (every process of the run is killed at it)."""
     cpu_time_s: int = 10
+    """CPU-time limit per process (RLIMIT_CPU)."""
     memory_mb: int = 1024
+    """Address-space limit per process (RLIMIT_AS)."""
     max_processes: int = 16
+    """Processes + threads of a namespaced run (RLIMIT_NPROC of its uid)."""
     max_file_mb: int = 16
+    """Largest file the code may write, stdout/stderr included (RLIMIT_FSIZE)."""
     max_open_files: int = 64
+    """RLIMIT_NOFILE."""
     work_dir_mb: int = 64
+    """Size of the working directory (namespaces: its tmpfs; process: disk usage checked every 0.1 s)."""
     max_output_bytes: int = 65536
+    """stdout/stderr kept per run (the rest is dropped and the result marked truncated)."""
     isolation: Isolation = "auto"
+    """auto | namespaces | process."""
     allow_subprocess: bool = False
+    """Let the code start processes (they run without the Python layer: contained only in namespaces mode)."""
     python: str = ""
+    """Interpreter for the code; "" = the base interpreter of the Python running motif_jax (sys._base_executable:
+    same version, standard library only), falling back to /usr/bin/python3 when namespaces cannot run it."""
     uid_base: int = 200_000
+    """First sandbox uid (namespaces mode)."""
     uid_count: int = 4096
+    """Number of sandbox uids, i.e. of concurrent namespaced runs."""
+    visible_paths: tuple[str, ...] = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                                      "/etc/ld.so.cache", "/etc/localtime")
+    """Host paths the code can read in namespaces mode (read-only; plus the interpreter's prefix). Keep data and
+    reference outputs out of them."""
+    temp_dir: str = ""
+    """Private directory for the runs' temporary files ("" = $TMPDIR/motif_jax_sandbox); runs left by a killed
+    process are removed by the next process that starts a sandbox there."""
 
     def __post_init__(self) -> None:
-        p = "sandbox."
+        p = self.FLAG_PREFIX
         require(self.timeout_s > 0, p + "timeout-s", "must be > 0")
         require(self.cpu_time_s >= 1, p + "cpu-time-s", "must be >= 1 second")
         require(self.memory_mb >= 64, p + "memory-mb", "must be >= 64 (the interpreter itself needs ~30 MB)")
@@ -237,6 +260,10 @@ class SandboxConfig:
         require(self.uid_base >= 1000, p + "uid-base", "must be an unprivileged uid (>= 1000)")
         require(self.uid_count >= 1, p + "uid-count", "must be >= 1")
         require(self.uid_base + self.uid_count < 2**31, p + "uid-count", "uid range overflows")
+        require(all(v.startswith("/") and "\n" not in v for v in self.visible_paths), p + "visible-paths",
+                f"must be absolute paths, got {self.visible_paths}")
+        require(not self.temp_dir or self.temp_dir.startswith("/"), p + "temp-dir",
+                f"must be an absolute path (or empty), got {self.temp_dir!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,6 +278,8 @@ class RolloutConfig:
 
     FLAG_PREFIX: ClassVar[str] = "rollout."
 
+    engine: Literal["jax", "vllm"] = "jax"
+    """Rollout engine: jax (in-process, the trainer's parameters) or vllm (the vllm extra)."""
     group_size: int = 8
     """Responses sampled per prompt (the group of group-relative advantages)."""
     prompts_per_call: int = 0
@@ -266,6 +295,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         p = self.FLAG_PREFIX
+        check_choices(self)
         require_finite(self, "temperature", "top_p")
         require(self.group_size >= 2, p + "group-size",
                 f"group-relative advantages need >= 2 responses per prompt, got {self.group_size}")

@@ -38,6 +38,7 @@ from motif_jax.model.generate import SamplingConfig
 from motif_jax.parallel import mesh as mesh_lib
 from motif_jax.rl.buffer import TrajectoryBuffer
 from motif_jax.rl.collect import RolloutCollector, rollout_metrics
+from motif_jax.rl.engines import make_engine
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.objective import finalize_metrics
 from motif_jax.rl.rollout import prompt_tokens
@@ -140,6 +141,10 @@ class RLTrainer(Trainer):
         self.logprob_fn = make_logprob_fn(self.graphdef, temperature=cfg.rollout.temperature, step_cfg=cfg.train,
                                           param_sharding=self.shardings.params,
                                           batch_sharding=self.batch_shardings["tokens"])
+        self.engine = make_engine(cfg.rollout.engine, model_cfg=self.model_cfg, graphdef=self.graphdef,
+                                  params=self.state.params, tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
+                                  mesh=self.mesh, mesh_cfg=cfg.mesh, rollout=cfg.rollout, run_dir=self.run_dir)
+        self.engine.sync_weights(self.state.params, self.version)
 
     def _fit_prompts(self, records: list[dict[str, Any]], flag: str) -> tuple[list[dict[str, Any]], list[list[int]]]:
         """The records whose prompt fits in ``--rollout.max-prompt-len`` tokens, with their prompt tokens."""
@@ -158,10 +163,9 @@ class RLTrainer(Trainer):
         t0 = time.time()
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, index])
-        key = jax.random.fold_in(jax.random.key(cfg.seed), index)
         with mesh_lib.activate(self.mesh, cfg.mesh):
-            rollouts = self.collector.collect(self.graphdef, self.state.params, self.buffer, round_index=index,
-                                              version=self.version, rng=rng, key=key)
+            rollouts = self.collector.collect(self.engine, self.buffer, round_index=index, version=self.version,
+                                              rng=rng)
         self.rollouts += rollouts.stats.samples
         m = rollout_metrics(rollouts, success_threshold=cfg.difficulty.success_threshold,
                             band_counts=self.collector.tracker.band_counts(self.collector.pool_ids))
@@ -203,6 +207,7 @@ class RLTrainer(Trainer):
             self.writer.write(self.opt_steps, step, prefix="update")
             steps.append(step)
         self.version += 1
+        self.engine.sync_weights(self.state.params, self.version)  # the old buffers were donated to the update
         summary = summarize_steps(steps)
         summary.pop("skipped")  # the guard has seen every step; the round reports their count
         return {**m, **summary, "skipped_steps": float(sum(s["skipped"] for s in steps)),
@@ -238,6 +243,12 @@ class RLTrainer(Trainer):
     def abstract_checkpoint_items(self, extra: Mapping[str, Any]) -> dict[str, Any]:
         return {"buffer": TrajectoryBuffer.abstract_checkpoint_arrays(extra["buffer"],
                                                                       mesh_lib.replicated(self.mesh))}
+
+    def close(self) -> None:
+        super().close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     def load_checkpoint(self, items: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
         self.buffer.load_checkpoint(items["buffer"], extra["buffer"])

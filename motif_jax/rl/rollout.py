@@ -1,10 +1,8 @@
 """Rollouts: G sampled responses per prompt from the current policy, scored by the verifiers, as buffer groups.
 
-:func:`sample_groups` runs the generation engine (``motif_jax.model.generate``) on every prompt repeated
-``group_size`` times, so one call is one compiled program for a fixed (prompts x G, prompt bucket,
-max_new_tokens) shape. Each response keeps its behaviour log-probs (under softmax(logits / temperature), exactly
-what the trainer recomputes), the policy version that sampled it and its finish reason (``eos``: a stop token,
-``length``: truncated at ``max_new_tokens``). :func:`score_groups` decodes the responses, runs the verifiers that
+A rollout engine (``motif_jax.rl.engines``) samples the responses; each keeps its behaviour log-probs (under
+softmax(logits / temperature), exactly what the trainer recomputes), the policy version that sampled it and its
+finish reason (``eos``: a stop token, ``length``: truncated at ``max_new_tokens``). :func:`score_groups` decodes the responses, runs the verifiers that
 apply to each prompt record, combines them into the multi-task reward (``verifiers.score_response``), adds the
 optional DAPO soft overlong penalty and returns :class:`~motif_jax.rl.buffer.Group` objects (advantages are set
 later, only for admitted groups).
@@ -17,18 +15,16 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from motif_jax.data.template import prompt_messages, render_prompt, response_text
 from motif_jax.data.tokenizer import Tokenizer
-from motif_jax.model.generate import FINISH_LENGTH, Generation, SamplingConfig, generate
+from motif_jax.model.generate import FINISH_LENGTH, Generation, SamplingConfig
 from motif_jax.rl.buffer import Group, Trajectory
+from motif_jax.rl.engines.base import RolloutEngine
 from motif_jax.rl.verifiers import Verifier, overlong_penalty, score_response
 
-__all__ = ["FINISH_NAMES", "RolloutStats", "measure_pass_rates", "prompt_tokens", "response_text", "sample_groups",
-           "score_groups"]
+__all__ = ["FINISH_NAMES", "RolloutStats", "measure_pass_rates", "prompt_tokens", "response_text", "score_groups"]
 
 FINISH_NAMES = {0: "eos", FINISH_LENGTH: "length"}
 
@@ -36,26 +32,6 @@ FINISH_NAMES = {0: "eos", FINISH_LENGTH: "length"}
 def prompt_tokens(record: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
     """The generation prompt of a record: its messages up to the last assistant turn, rendered as in training."""
     return render_prompt(prompt_messages(record["messages"]), tokenizer)
-
-
-def sample_groups(
-    graphdef: Any,
-    params: Any,
-    prompts: Sequence[Sequence[int]],
-    group_size: int,
-    key: jax.Array,
-    sampling: SamplingConfig,
-    pad_id: int,
-) -> Generation:
-    """Samples ``group_size`` responses for each prompt; rows ``i * G .. i * G + G - 1`` answer prompt i.
-
-    Returns the :class:`~motif_jax.model.generate.Generation` of all ``len(prompts) * G`` rows.
-    """
-    if sampling.greedy:
-        raise ValueError("RL rollouts must sample (greedy=False): identical responses give no group signal")
-    repeated = [list(p) for p in prompts for _ in range(group_size)]
-    model = nnx.merge(graphdef, params)
-    return generate(model, repeated, key, sampling, pad_id=pad_id)
 
 
 @dataclasses.dataclass
@@ -153,8 +129,7 @@ def score_groups(
 
 
 def measure_pass_rates(
-    graphdef: Any,
-    params: Any,
+    engine: RolloutEngine,
     records: Sequence[Mapping[str, Any]],
     prompts: Sequence[Sequence[int]],
     *,
@@ -162,7 +137,7 @@ def measure_pass_rates(
     sampling: SamplingConfig,
     tokenizer: Tokenizer,
     verifiers: Mapping[str, Verifier],
-    key: jax.Array,
+    seed: int = 0,
     batch_prompts: int = 32,
     success_threshold: float = 0.5,
     reward_weights: Mapping[str, float] | None = None,
@@ -180,8 +155,7 @@ def measure_pass_rates(
         n = len(recs)
         recs += [recs[i % n] for i in range(batch_prompts - n)]
         toks += [toks[i % n] for i in range(batch_prompts - n)]
-        gen = sample_groups(graphdef, params, toks, samples, jax.random.fold_in(key, start), sampling,
-                            tokenizer.pad_id)
+        gen = engine.generate(toks, samples, sampling, seed=seed + start)
         groups, _ = score_groups(recs, toks, gen, group_size=samples, tokenizer=tokenizer, verifiers=verifiers,
                                  version=0, group_ids=[str(i) for i in range(len(recs))],
                                  reward_weights=reward_weights)

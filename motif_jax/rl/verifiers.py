@@ -16,13 +16,24 @@ Answer extraction (shared by the exact and math verifiers) and its guards agains
   "boxing everything" never passes;
 * a candidate that lists alternatives ("3 or 4", "3 \\lor 4", "either ...", "3; 4") or has more comma-separated
   items than the reference is refused.
+
+Code tests cannot be passed from inside the solution: outputs are compared by the verifier, asserts are evaluated
+by a separate judge sandbox on plain values (see ``CodeVerifier``), so ``sys.exit(0)``, ``os._exit(0)``, ``atexit``
+handlers and objects whose ``__eq__`` always returns True all score 0.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import concurrent.futures
 import dataclasses
+import functools
+import inspect
+import json
+import os
 import re
+import textwrap
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -31,7 +42,7 @@ import numpy as np
 
 from motif_jax.data.template import split_response
 from motif_jax.rl.config import SandboxConfig
-from motif_jax.rl.sandbox import SandboxResult, run_python
+from motif_jax.rl.sandbox import SandboxResult, SandboxUnavailable, run_python
 
 __all__ = [
     "CodeVerifier",
@@ -51,7 +62,7 @@ __all__ = [
     "score_response",
 ]
 
-VerifierStatus = Literal["ok", "parse_error", "timeout", "error", "not_applicable"]
+VerifierStatus = Literal["ok", "parse_error", "timeout", "error", "not_applicable", "exited_early", "tampered"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +71,9 @@ class VerifierResult:
 
     ``score``: reward in [0, 1]. ``status``: ``ok`` (the response was checked; the score says how well it did),
     ``parse_error`` (no single answer / code could be extracted), ``timeout`` (the check ran out of time),
-    ``error`` (the verifier itself failed), ``not_applicable``. ``detail``: a short human-readable reason.
+    ``error`` (the verifier itself failed), ``exited_early`` / ``tampered`` (code that exited before its tests were
+    answered / handed the judge something it cannot judge: reward hacking or broken code, scored 0),
+    ``not_applicable``. ``detail``: a short human-readable reason.
     """
 
     score: float
@@ -338,8 +351,9 @@ class MathVerifier:
     def __call__(self, record: Mapping[str, Any], response: str) -> VerifierResult:
         if not self.applies(record):
             return _not_applicable(self.name)
-        from math_verify import parse, verify  # noqa: PLC0415 - heavy import (sympy), only when used
-        from math_verify.errors import TimeoutException  # noqa: PLC0415
+        # heavy imports (sympy), only when used
+        from math_verify import parse, verify
+        from math_verify.errors import TimeoutException
 
         reference = str(record["answer"])
         cand, why = extract_answer(response)
@@ -366,6 +380,18 @@ class MathVerifier:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Code (tests in the sandbox)
+#
+# Input/output tests: the solution runs with the test's stdin and the verifier compares its stdout here.
+# Assert-style tests: two sandboxes per test. The *solution* sandbox runs the solution, then answers requests
+# ("call f with (2,)", "attribute x of object 3", ...) on a pipe; the *judge* sandbox runs the test code, where
+# every name the test takes from the solution is a proxy that sends such requests. Values come back as plain data
+# (exact builtin types, decoded in the judge into its own objects), so every comparison, builtin and assert of the
+# test is evaluated where no solution code ever ran; an object the judge cannot hold as plain data (a class with its
+# own __eq__, __bool__ ...) cannot be compared at all: ``tampered``. The verifier relays and checks every reply, and
+# the verdict reaches it on the judge's own pipe, which the solution cannot reach (another sandbox: another uid and
+# PID namespace in namespaces mode). A solution that exits (``sys.exit``, ``os._exit``, a signal) before answering
+# is ``exited_early``; ``atexit`` handlers and exit codes no longer matter. The solution only ever sees the inputs
+# of the calls, never the expected values.
 # ---------------------------------------------------------------------------------------------------------------------
 
 _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
@@ -388,22 +414,470 @@ def _normalize_output(s: str) -> str:
     return "\n".join(lines)
 
 
+# The wire format and both harnesses below also run inside the sandboxes (embedded by source, see _harness):
+# they must be self-contained and run on any Python >= 3.8.
+
+
+def _wire_encode(value, handle, depth=0):
+    """JSON form of ``value``: plain data by value (exact builtin types; subclasses that keep their base's equality
+    and the ``collections`` mappings as their base type; Fraction, Decimal), anything else as ``handle(value)``."""
+    t = type(value)
+    if value is None or t is bool or t is str or t is float:
+        return value
+    if t is int:
+        return value if -(1 << 53) < value < (1 << 53) else {"I": format(value, "x")}
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+
+    def enc(v):
+        return _wire_encode(v, handle, depth + 1)
+
+    if t is list or t is tuple or t is set or t is frozenset:
+        return {{list: "L", tuple: "T", set: "S", frozenset: "F"}[t]: [enc(v) for v in value]}
+    if t is dict:
+        return {"D": [[enc(k), enc(v)] for k, v in value.items()]}
+    if t is bytes or t is bytearray:
+        return {"B" if t is bytes else "A": value.hex()}
+    if t is complex:
+        return {"C": [value.real, value.imag]}
+    if t.__name__ == "Fraction" and t.__module__ == "fractions":
+        return {"Q": [enc(value.numerator), enc(value.denominator)]}
+    if t.__name__ == "Decimal" and t.__module__ == "decimal":
+        return {"M": str(value)}
+    for base in (int, float, str, bytes, list, tuple, dict, set, frozenset):  # namedtuple, IntEnum, Counter ...
+        if isinstance(value, base) and (t.__eq__ is base.__eq__ or t.__module__ == "collections"):
+            return enc(base(value))
+    return handle(value)
+
+
+def _wire_decode(obj, ref, depth=0):
+    """Inverse of :func:`_wire_encode` for JSON from anywhere: raises ValueError/TypeError on anything malformed;
+    handles ``{"H": [id, class name]}`` and names ``{"N": name}`` become ``ref(tag, body)``."""
+    t = type(obj)
+    if obj is None or t is bool or t is int or t is float or t is str:
+        return obj
+    if t is not dict or len(obj) != 1 or depth > 100:
+        raise ValueError("malformed value")
+    ((tag, body),) = obj.items()
+
+    def dec(v):
+        return _wire_decode(v, ref, depth + 1)
+
+    if tag in ("L", "T", "S", "F") and type(body) is list:
+        return {"L": list, "T": tuple, "S": set, "F": frozenset}[tag](dec(v) for v in body)
+    if tag == "D" and type(body) is list and all(type(kv) is list and len(kv) == 2 for kv in body):
+        return {dec(k): dec(v) for k, v in body}
+    if tag == "I" and type(body) is str and len(body) <= 100_000:
+        return int(body, 16)
+    if tag in ("B", "A") and type(body) is str:
+        return (bytes if tag == "B" else bytearray).fromhex(body)
+    if tag == "C" and type(body) is list and len(body) == 2 and all(type(x) in (int, float) for x in body):
+        return complex(body[0], body[1])
+    if tag == "Q" and type(body) is list and len(body) == 2:
+        import fractions
+
+        num, den = dec(body[0]), dec(body[1])
+        if type(num) is not int or type(den) is not int:
+            raise ValueError("malformed fraction")
+        return fractions.Fraction(num, den)
+    if tag == "M" and type(body) is str and len(body) <= 10_000:
+        import decimal
+
+        return decimal.Decimal(body)
+    if (tag == "H" and type(body) is list and len(body) == 2 and type(body[0]) is int and type(body[1]) is str) or (
+        tag == "N" and type(body) is str
+    ):
+        return ref(tag, body)
+    raise ValueError("malformed value")
+
+
+def _solution_serve(namespace, rfd, wfd):
+    """The solution's side: answer the judge's requests against ``namespace`` until the request pipe closes.
+
+    Runs after the solution's own code, in its (untrusted) process: whatever it sends is only data to be checked,
+    and choosing what it sends is no more than choosing what the solution's functions return.
+    """
+    import builtins
+    import json
+    import os
+
+    handles = []
+
+    def keep(value):
+        handles.append(value)
+        name = type(value).__name__
+        return {"H": [len(handles) - 1, name if type(name) is str else "?"]}
+
+    def find(tag, body):
+        if tag == "H":
+            return handles[body[0]]
+        if body in namespace:
+            return namespace[body]
+        if hasattr(builtins, body):
+            return getattr(builtins, body)
+        raise NameError(f"name {body!r} is not defined")
+
+    reader, writer = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb")
+    for line in reader:
+        op = None
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            target = _wire_decode(request["obj"], find)
+            if op == "call":
+                args = [_wire_decode(a, find) for a in request["args"]]
+                value = target(*args, **{k: _wire_decode(v, find) for k, v in request["kwargs"]})
+            elif op == "getattr":
+                value = getattr(target, request["name"])
+            elif op == "iter":
+                value = iter(target)
+            elif op == "next":
+                value = next(target)
+            elif op == "getitem":
+                value = target[_wire_decode(request["key"], find)]
+            elif op == "len":
+                value = len(target)
+            elif op == "str":
+                value = str(target)
+            else:
+                value = target
+            reply = {"ok": _wire_encode(value, keep)}
+        except StopIteration:
+            reply = {"stop": True} if op == "next" else {"raise": ["StopIteration", ""]}
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: the judge decides what it means
+            try:
+                message = str(e)[:500]
+            except BaseException:  # noqa: BLE001
+                message = ""
+            reply = {"raise": [type(e).__name__, message]}
+        writer.write(json.dumps(reply).encode("utf-8") + b"\n")
+        writer.flush()
+
+
+def _judge_main(test_src, names, rfd, wfd):
+    """The judge: run ``test_src`` with each of ``names`` bound to a proxy of the solution's object, then send the
+    verdict (``pass``, ``fail``, or why the run could not be judged) as the last message on ``wfd``."""
+    import builtins
+    import json
+    import operator
+    import os
+
+    reader, writer = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb")
+    spoiled = []  # (verdict, detail) overriding the test's outcome, even when the test swallows the exception
+
+    class Unjudgeable(BaseException):
+        """The solution is gone or sent something that cannot be judged (a BaseException: ``except Exception``
+        in a test does not catch it)."""
+
+    class SolutionError(Exception):
+        """An exception of a class of the solution's own."""
+
+    def give_up(verdict, detail):
+        spoiled.append((verdict, detail))
+        raise Unjudgeable(detail)
+
+    def send(message):
+        writer.write(json.dumps(message).encode("utf-8") + b"\n")
+        writer.flush()
+
+    def rpc(op, wire, **extra):
+        if spoiled:
+            raise Unjudgeable(spoiled[0][1])
+        send(dict(extra, op=op, obj=wire))
+        line = reader.readline()
+        if not line:
+            give_up("gone", "the verifier closed the channel")
+        reply = json.loads(line)
+        if "spoil" in reply:
+            give_up(*reply["spoil"])
+        if "stop" in reply:
+            raise StopIteration
+        if "raise" in reply:
+            name, message = reply["raise"]
+            if name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit"):
+                give_up("exited_early", "the solution raised " + name)
+            cls = getattr(builtins, name, None)
+            error = None
+            if isinstance(cls, type) and issubclass(cls, Exception) and cls is not StopIteration:
+                try:
+                    error = cls(message)
+                except Exception:  # noqa: BLE001 - constructors with other signatures
+                    error = None
+            raise error if error is not None else SolutionError(name + ": " + message)
+        return _wire_decode(reply["ok"], lambda tag, body: Ref({tag: body}))
+
+    def wire_of(value):
+        if type(value) is Ref:
+            return value.wire
+        raise TypeError("only plain values and the solution's own objects can be passed to the solution, "
+                        f"not {type(value).__name__}")
+
+    def enc(value):
+        return _wire_encode(value, wire_of)
+
+    def plain(ref):
+        value = rpc("get", ref.wire)
+        if type(value) is Ref:
+            kind = value.wire.get("H", [0, "object"])[1]
+            give_up("tampered", f"an object of class {kind} from the solution was compared or converted: only "
+                    "plain values (numbers, strings, bytes and containers of them) can be judged")
+        return value
+
+    class Ref:
+        """An object of the solution. Calls, attribute and item reads, iteration, len() and str() are forwarded to
+        it (their results are values the solution chooses, like return values); comparisons, truth, hashing and
+        arithmetic need its plain value, so they are evaluated here."""
+
+        __slots__ = ("wire",)
+
+        def __init__(self, wire):
+            self.wire = wire
+
+        def __call__(self, *args, **kwargs):
+            return rpc("call", self.wire, args=[enc(a) for a in args],
+                       kwargs=[[k, enc(v)] for k, v in kwargs.items()])
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return rpc("getattr", self.wire, name=name)
+
+        def __iter__(self):
+            it = rpc("iter", self.wire)
+            return RefIterator(it) if type(it) is Ref else iter(it)
+
+        def __getitem__(self, key):
+            return rpc("getitem", self.wire, key=enc(key))
+
+        def __len__(self):
+            n = rpc("len", self.wire)
+            return n if type(n) is int else give_up("tampered", "len() of a solution object is not an int")
+
+        def __contains__(self, item):
+            value = rpc("get", self.wire)
+            if type(value) is not Ref:
+                return item in value
+            return any(x is item or x == item for x in self)  # as Python does for iterables, compared here
+
+        def __str__(self):
+            text = rpc("str", self.wire)
+            return text if type(text) is str else give_up("tampered", "str() of a solution object is not a str")
+
+        def __repr__(self):
+            return f"<solution object {json.dumps(self.wire)}>"
+
+    class RefIterator:
+        def __init__(self, ref):
+            self.ref = ref
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return rpc("next", self.ref.wire)
+
+    def on_plain(fn, reflected=False):
+        if reflected:
+            return lambda self, other: fn(other, plain(self))
+        return lambda self, *other: fn(plain(self), *other)
+
+    for name in ("eq", "ne", "lt", "le", "gt", "ge", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow"):
+        setattr(Ref, f"__{name}__", on_plain(getattr(operator, name)))
+    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow"):
+        setattr(Ref, f"__r{name}__", on_plain(getattr(operator, name), reflected=True))
+    for name, fn in (("hash", hash), ("bool", bool), ("int", int), ("float", float),
+                     ("index", operator.index), ("neg", operator.neg), ("pos", operator.pos), ("abs", abs)):
+        setattr(Ref, f"__{name}__", on_plain(fn))
+
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    for name in names:
+        namespace[name] = Ref({"N": name})
+    try:
+        exec(compile(test_src, "test.py", "exec"), namespace)  # noqa: S102 - running the test is the judge's job
+        verdict = ("pass", "")
+    except Unjudgeable:
+        verdict = ("gone", "")
+    except BaseException as e:  # noqa: BLE001 - AssertionError or the solution's exception: the test failed
+        try:
+            verdict = ("fail", f"{type(e).__name__}: {e}"[:300])
+        except BaseException:  # noqa: BLE001
+            verdict = ("fail", type(e).__name__)
+    if spoiled:
+        verdict = spoiled[0]
+    send({"op": "verdict", "verdict": verdict[0], "detail": verdict[1]})
+
+
+@functools.cache
+def _harness(*fns: Any) -> str:
+    """Source of ``fns`` to run in a sandbox (the same code the verifier runs here)."""
+    return "\n\n".join(textwrap.dedent(inspect.getsource(f)) for f in fns) + "\n\n"
+
+
+def _names_in(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(names read, names bound anywhere) in ``tree``."""
+    loaded: set[str] = set()
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return loaded, bound
+
+
+def _solution_names(test: ast.AST, code: str) -> list[str]:
+    """Names the test reads but does not define: the solution's (a builtin's name only if the solution binds it)."""
+    loaded, bound = _names_in(test)
+    try:
+        solution_bound = _names_in(ast.parse(code))[1]
+    except (SyntaxError, ValueError):
+        solution_bound = set()
+    return sorted(n for n in loaded - bound if n in solution_bound or not hasattr(builtins, n))
+
+
+class _Oversize(Exception):
+    pass
+
+
+class _LineReader:
+    """Newline-framed messages from a pipe, at most ``limit`` bytes each."""
+
+    def __init__(self, fd: int, limit: int):
+        self.fd, self.limit, self.buf, self.scanned = fd, limit, bytearray(), 0
+
+    def read_line(self) -> bytes | None:
+        """The next message (without its newline); None at end of file; raises _Oversize past the limit."""
+        while True:
+            i = self.buf.find(b"\n", self.scanned)
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[: i + 1]
+                self.scanned = 0
+                return line
+            self.scanned = len(self.buf)
+            if len(self.buf) > self.limit:
+                raise _Oversize
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write ``data`` to a pipe; False if its reader is gone."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except (BrokenPipeError, OSError):
+        return False
+    return True
+
+
+def _handle_placeholder(tag: str, body: Any) -> None:
+    if tag != "H":  # the solution returns its own objects by handle; names are the judge's to send
+        raise ValueError("names are not allowed in replies")
+
+
+def _spoil(verdict: str, detail: str) -> bytes:
+    """A message that makes the judge stop with ``verdict`` (never sent by the solution: its replies are checked)."""
+    return json.dumps({"spoil": [verdict, detail]}).encode()
+
+
+def _checked_reply(line: bytes) -> bytes:
+    """``line`` if it is a well-formed reply of the solution, else a "tampered" message for the judge."""
+    try:
+        reply = json.loads(line)
+        if type(reply) is not dict or len(reply) != 1:
+            raise ValueError("not a reply")
+        ((key, body),) = reply.items()
+        if key == "ok":
+            _wire_decode(body, _handle_placeholder)
+        elif not ((key == "raise" and type(body) is list and len(body) == 2 and all(type(x) is str for x in body))
+                  or (key == "stop" and body is True)):
+            raise ValueError("not a reply")
+    except Exception:  # noqa: BLE001 - any malformed input (bad JSON, nesting, numbers, types)
+        return _spoil("tampered", "the solution sent a malformed reply")
+    return line
+
+
+def _ask_solution(solution_in: int, solution_out: _LineReader, request: bytes) -> tuple[bytes, bool]:
+    """(the solution's checked reply to ``request`` or a spoil message, whether it can no longer be asked)."""
+    if not _write_all(solution_in, request + b"\n"):
+        return _spoil("gone", "the solution ended before answering"), True
+    try:
+        reply = solution_out.read_line()
+    except _Oversize:
+        return _spoil("output_limit", f"a reply of the solution is over {solution_out.limit} bytes"), True
+    if reply is None:
+        return _spoil("gone", "the solution ended before answering"), True
+    return _checked_reply(reply), False
+
+
+def _relay(judge_out: _LineReader, judge_in: int, solution_in: int, solution_out: _LineReader) -> dict | None:
+    """Forward the judge's requests to the solution and its checked replies back; return the judge's verdict
+    message (None if the judge ended without one)."""
+    final: bytes | None = None  # once set, the answer to every further request
+    while True:
+        try:
+            line = judge_out.read_line()
+            message = json.loads(line) if line is not None else None
+        except (_Oversize, ValueError):  # a judge that died mid-message
+            return None
+        if message is None or message.get("op") == "verdict":
+            return message
+        answer = final
+        if answer is None:
+            answer, done = _ask_solution(solution_in, solution_out, line)  # type: ignore[arg-type]
+            final = answer if done else None
+        if not _write_all(judge_in, answer + b"\n"):
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    passed: bool
+    status: str  # passed, failed, exited_early, tampered, or a sandbox status (timeout, runtime_error, ...)
+    detail: str = ""
+
+
+def _gone_status(solution: SandboxResult) -> str:
+    """Why the solution stopped answering, from its sandbox result."""
+    if solution.status in ("ok", "killed"):  # exit status 0 or a signal before the tests were answered
+        return "exited_early"
+    return solution.status
+
+
 @dataclasses.dataclass(frozen=True)
 class CodeVerifier:
     """Runs the response's last Python code block against ``record["tests"]`` in the sandbox.
 
-    Each test is ``{"input": stdin, "output": expected_stdout}`` (outputs compared after stripping trailing
-    whitespace per line and trailing blank lines), ``{"assert": "assert f(2) == 4"}`` or a plain string (an
-    assert-style snippet appended to the solution; it passes when the program exits with status 0).
-    Score = fraction of tests passed; status ``timeout`` if any test timed out, ``error`` if the sandbox failed,
-    ``parse_error`` if there is no code block, else ``ok``. Tests run concurrently on ``max_workers`` threads (each
-    in its own sandbox process); ``stop_on_timeout`` skips the remaining tests (scored as failed) after a timeout.
+    Each test is ``{"input": stdin, "output": expected_stdout}`` (outputs compared here after stripping trailing
+    whitespace per line and trailing blank lines), ``{"assert": "assert f(2) == 4"}`` or a plain string: test code
+    (asserts, helper functions, HumanEval's ``check(candidate)``, loops ...) run by a separate judge sandbox against
+    the solution's objects (see the comment above ``extract_code``). Values cross as plain data: numbers, strings,
+    bytes, lists, tuples, dicts, sets, Fraction, Decimal (namedtuples, ``collections`` mappings and subclasses that
+    keep their base's equality arrive as their base type); other objects can be called, iterated and have their
+    attributes read, but not compared.
+
+    Score = fraction of tests passed. Status: ``error`` if a sandbox failed or a test is malformed, else
+    ``tampered`` (a solution object that overrides comparison or truth was judged, or a malformed reply),
+    ``exited_early`` (the solution exited or was killed before answering), ``timeout``, else ``ok``. Tests run
+    concurrently on ``max_workers`` threads (each in its own sandbox processes); ``stop_on_timeout`` skips the
+    remaining tests (scored as failed) after a timeout. ``max_message_bytes`` caps one reply of the solution.
     """
 
     name: str = "code"
     sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
     max_workers: int = 2
     stop_on_timeout: bool = True
+    max_message_bytes: int = 1 << 20
 
     def applies(self, record: Mapping[str, Any]) -> bool:
         routed = _routed(record, self.name)
@@ -411,16 +885,75 @@ class CodeVerifier:
             return routed and bool(record.get("tests"))
         return bool(record.get("tests"))
 
-    def _run_one(self, code: str, test: Any) -> tuple[bool, SandboxResult]:
+    def _run_one(self, code: str, test: Any) -> _Outcome:
         if isinstance(test, str):
             test = {"assert": test}
-        if "assert" in test:
-            r = run_python(code + "\n\n" + str(test["assert"]) + "\n", "", self.sandbox)
-            return r.status == "ok", r
-        r = run_python(code, str(test.get("input", "")), self.sandbox)
-        passed = r.status == "ok" and not r.stdout_truncated
-        passed = passed and _normalize_output(r.stdout) == _normalize_output(str(test.get("output", "")))
-        return passed, r
+        try:
+            if "assert" in test:
+                return self._run_assert(code, str(test["assert"]))
+            r = run_python(code, str(test.get("input", "")), self.sandbox)
+        except SandboxUnavailable as e:
+            return _Outcome(False, "error", str(e))
+        if r.status != "ok":
+            return _Outcome(False, r.status, r.detail)
+        same = not r.stdout_truncated and _normalize_output(r.stdout) == _normalize_output(str(test.get("output", "")))
+        return _Outcome(same, "passed" if same else "failed")
+
+    def _run_assert(self, code: str, test_src: str) -> _Outcome:
+        try:
+            names = _solution_names(ast.parse(test_src), code)
+        except (SyntaxError, ValueError) as e:
+            return _Outcome(False, "error", f"the test does not parse: {e}")
+        judge_cfg = dataclasses.replace(self.sandbox, allow_subprocess=False, timeout_s=2 * self.sandbox.timeout_s + 2)
+        judge_out, judge_w = os.pipe()  # judge -> verifier: requests, then the verdict
+        judge_r, judge_in = os.pipe()  # verifier -> judge: checked replies
+        solution_r, solution_in = os.pipe()  # verifier -> solution: requests
+        solution_out, solution_w = os.pipe()  # solution -> verifier: replies
+        ours = [judge_out, judge_in, solution_in, solution_out]
+        solution = code + "\n\n" + _harness(_wire_encode, _wire_decode, _solution_serve) + (
+            f"_solution_serve(globals(), {solution_r}, {solution_w})\n")
+        judge = _harness(_wire_encode, _wire_decode, _judge_main) + (
+            f"_judge_main({test_src!r}, {names!r}, {judge_r}, {judge_w})\n")
+        cancel = threading.Event()
+        results: dict[str, SandboxResult | Exception] = {}
+
+        def run(key: str, program: str, cfg: SandboxConfig, fds: tuple[int, int], stop: threading.Event | None):
+            try:
+                results[key] = run_python(program, "", cfg, pass_fds=fds, cancel=stop)
+            except Exception as e:  # noqa: BLE001 - reported as the test's error below
+                results[key] = e
+
+        threads = [threading.Thread(target=run, args=("solution", solution, self.sandbox, (solution_r, solution_w),
+                                                      cancel), daemon=True),
+                   threading.Thread(target=run, args=("judge", judge, judge_cfg, (judge_r, judge_w), None),
+                                    daemon=True)]
+        for t in threads:
+            t.start()
+        verdict = None
+        try:
+            verdict = _relay(_LineReader(judge_out, self.max_message_bytes), judge_in, solution_in,
+                             _LineReader(solution_out, self.max_message_bytes))
+        finally:
+            if verdict is None or verdict.get("verdict") != "gone":  # a gone solution is left to report its exit
+                cancel.set()  # the verdict is in (or the judge is gone): nothing is left for the solution to do
+            for fd in ours:
+                os.close(fd)
+            for t in threads:
+                t.join()
+        sol, jud = results["solution"], results["judge"]
+        for r in (jud, sol):
+            if isinstance(r, Exception):
+                return _Outcome(False, "error", f"{type(r).__name__}: {r}"[:300])
+        assert isinstance(sol, SandboxResult) and isinstance(jud, SandboxResult)
+        if verdict is None:  # the judge ended without a verdict: its own limits, or a broken test harness
+            status = jud.status if jud.status in ("timeout", "memory") else "error"
+            return _Outcome(False, status, "judge: " + (jud.detail or _last_line(jud.stderr)))
+        kind, detail = str(verdict.get("verdict")), str(verdict.get("detail", ""))
+        if kind == "pass":
+            return _Outcome(True, "passed")
+        if kind == "gone":
+            return _Outcome(False, _gone_status(sol), sol.detail or _last_line(sol.stderr))
+        return _Outcome(False, "failed" if kind == "fail" else kind, detail)
 
     def __call__(self, record: Mapping[str, Any], response: str) -> VerifierResult:
         if not self.applies(record):
@@ -429,31 +962,36 @@ class CodeVerifier:
         if code is None:
             return VerifierResult(0.0, "parse_error", detail="no ```python code block", name=self.name)
         tests = list(record["tests"])
-        results: list[tuple[bool, SandboxResult] | None] = [None] * len(tests)
+        results: list[_Outcome | None] = [None] * len(tests)
         stop = threading.Event()
 
         def work(i: int) -> None:
             if stop.is_set():
                 return
-            results[i] = self._run_one(code, tests[i])
-            if self.stop_on_timeout and results[i][1].status == "timeout":  # type: ignore[index]
+            results[i] = outcome = self._run_one(code, tests[i])
+            if self.stop_on_timeout and outcome.status == "timeout":
                 stop.set()
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             list(pool.map(work, range(len(tests))))
-        statuses = [r[1].status if r is not None else "skipped" for r in results]
-        passed = sum(1 for r in results if r is not None and r[0])
-        score = passed / len(tests)
-        if any(s == "error" for s in statuses):
-            status: VerifierStatus = "error"
-        elif any(s == "timeout" for s in statuses):
-            status = "timeout"
-        else:
-            status = "ok"
+        statuses = [r.status if r is not None else "skipped" for r in results]
+        passed = sum(1 for r in results if r is not None and r.passed)
+        status: VerifierStatus = "ok"
+        for s in ("error", "tampered", "exited_early", "timeout"):
+            if s in statuses:
+                status = s  # type: ignore[assignment]
+                break
         counts: dict[str, int] = {}
         for s in statuses:
             counts[s] = counts.get(s, 0) + 1
-        return VerifierResult(score, status, detail=f"{passed}/{len(tests)} passed; {counts}", name=self.name)
+        first = next((r.detail for r in results if r is not None and not r.passed and r.detail), "")
+        detail = f"{passed}/{len(tests)} passed; {counts}" + (f"; {first[:200]}" if first else "")
+        return VerifierResult(passed / len(tests), status, detail=detail, name=self.name)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -530,7 +1068,7 @@ def _contains(text: str, phrase: str) -> bool:
 # Multi-task reward
 # ---------------------------------------------------------------------------------------------------------------------
 
-_STATUS_PRIORITY = ("error", "timeout", "parse_error")
+_STATUS_PRIORITY = ("error", "tampered", "exited_early", "timeout", "parse_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,7 +1078,7 @@ class CombinedReward:
     ``total`` = sum over applying verifiers of ``weight * score`` (divided by the applying weights' sum when
     ``normalize``). ``components``: score per applying verifier; ``statuses``: status per applying verifier.
     ``status``: ``ok`` if every applying verifier was ok, else the most severe of their statuses
-    (error > timeout > parse_error), ``no_verifier`` when none applies (``total`` is then 0 and ``applies`` False:
+    (error > tampered > exited_early > timeout > parse_error), ``no_verifier`` when none applies (``total`` is then 0 and ``applies`` False:
     the sample has no reward and should not be trained on).
     """
 
