@@ -7,7 +7,8 @@ once per (prompt bucket, batch, samples per prompt, max_new_tokens, sampling set
 ``num_samples`` > 1 (RL's G responses per prompt) prefills each prompt once and repeats its KV cache for its
 samples, which then draw their own tokens from the first one on. The cache travels whole through the decode loop
 and every layer writes its slice in place (``motif_jax.model.transformer``), so a decode step costs what its rows
-compute, not a copy of the cache. Under an active mesh the batch rows follow the ``batch`` rule's axes.
+compute, not a copy of the cache. Under an active mesh the batch rows follow the ``batch`` rule's axes: with several
+processes each computes the rows on its devices and every process receives all of them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from motif_jax.model.transformer import Decoder, init_kv_cache
+from motif_jax.parallel.hosts import host_array
 from motif_jax.parallel.rules import constrain
 
 FINISH_STOP = 0  # a stop token was generated (it is included in the output)
@@ -183,4 +185,4 @@ def generate(
     graphdef, state = nnx.split(model)
     out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments), rng, cfg=cfg, pad_id=pad_id,
                     num_samples=num_samples)
-    return Generation(*(np.asarray(x) for x in out))
+    return Generation(*(host_array(x) for x in out))  # every process gets every row (multi-host RL)

@@ -36,6 +36,7 @@ from motif_jax.data.template import stop_token_ids
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.generate import SamplingConfig
 from motif_jax.parallel import mesh as mesh_lib
+from motif_jax.parallel.hosts import global_array, host_array
 from motif_jax.rl.buffer import TrajectoryBuffer
 from motif_jax.rl.collect import RolloutCollector, rollout_metrics
 from motif_jax.rl.engines import make_engine
@@ -82,9 +83,6 @@ class RLTrainer(Trainer):
         """``verifiers``: custom reward functions (name -> Verifier) used instead of ``cfg.verifiers``."""
         super().__init__(cfg, cfg.rounds)
         self.cfg: RLConfig = cfg
-        if jax.process_count() > 1:
-            raise ConfigError("--distributed.num-processes: the RL loop runs on one process (any number of local "
-                              "devices); multi-host rollouts are not supported yet")
         if self.mesh.shape["context"] != 1:
             raise ConfigError("--mesh.context: RL updates do not shard the sequence; use data / fsdp / tensor axes")
         self.model_cfg, policy_dir, policy_tokenizer = resolve_model(cfg.model, cfg.init_from)
@@ -197,7 +195,7 @@ class RLTrainer(Trainer):
                                   num_microbatches=cfg.train.num_microbatches,
                                   num_minibatches=cfg.update.num_minibatches, num_passes=cfg.update.num_passes,
                                   negative_weight=cfg.objective.negative_weight, rng=rng):
-            batch = {k: jax.device_put(rows[k][idx], self.batch_shardings[k]) for k in RL_BATCH_KEYS}
+            batch = {k: global_array(rows[k][idx], self.batch_shardings[k]) for k in RL_BATCH_KEYS}
             self.state, metrics = self.update_step(self.state, batch, self.ref_params)
             self.opt_steps += 1
             values = to_python(metrics)
@@ -221,8 +219,8 @@ class RLTrainer(Trainer):
         keys = ("tokens", "targets", "positions", "segment_ids")
         with mesh_lib.activate(self.mesh, self.cfg.mesh):
             for s in range(0, rows["tokens"].shape[0], mb):
-                chunk = {k: jax.device_put(rows[k][s:s + mb], self.batch_shardings[k]) for k in keys}
-                out.append(np.asarray(self.logprob_fn(self.state.params, chunk)))
+                chunk = {k: global_array(rows[k][s:s + mb], self.batch_shardings[k]) for k in keys}
+                out.append(host_array(self.logprob_fn(self.state.params, chunk)))
         return np.concatenate(out) * rows["loss_mask"]
 
     # -- loop hooks -------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from motif_jax.data.template import prompt_messages, render_prompt, response_text
@@ -22,7 +23,8 @@ from motif_jax.data.tokenizer import Tokenizer
 from motif_jax.model.generate import FINISH_LENGTH, Generation, SamplingConfig
 from motif_jax.rl.buffer import Group, Trajectory
 from motif_jax.rl.engines.base import RolloutEngine
-from motif_jax.rl.verifiers import Verifier, overlong_penalty, score_response
+from motif_jax.parallel.hosts import allgather_objects, process_slice
+from motif_jax.rl.verifiers import CombinedReward, Verifier, overlong_penalty, score_response
 
 __all__ = ["FINISH_NAMES", "RolloutStats", "measure_pass_rates", "prompt_tokens", "response_text", "score_groups"]
 
@@ -71,7 +73,8 @@ def score_groups(
     """Turns a generation of ``len(records) * G`` rows into scored groups (one per record, in order).
 
     ``overlong``: ``(max_len, buffer_len, factor)`` of the DAPO soft overlong penalty added to each total reward
-    (None: off). ``workers`` > 1 verifies in a thread pool (useful for code tests, which wait on sandboxes).
+    (None: off). ``workers`` > 1 verifies in a thread pool (useful for code tests, which wait on sandboxes). With
+    several processes, each verifies its contiguous share of the rows and every process gets every result.
     A sample whose record has no applying verifier gets reward 0 and status ``no_verifier``.
     """
     n = len(records)
@@ -85,11 +88,15 @@ def score_groups(
         rec, row = item
         return score_response(records[rec], texts[row], verifiers, reward_weights)
 
+    mine = rows[process_slice(len(rows))]  # with several processes each verifies its share, then all share all
     if workers > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            scored = list(pool.map(verify, rows))
+            scored = list(pool.map(verify, mine))
     else:
-        scored = [verify(r) for r in rows]
+        scored = [verify(r) for r in mine]
+    if jax.process_count() > 1:
+        parts = allgather_objects([dataclasses.asdict(c) for c in scored])
+        scored = [CombinedReward(**c) for part in parts for c in part]
 
     stats = RolloutStats()
     info = dict(sampling_info or {})
