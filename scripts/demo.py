@@ -5,8 +5,8 @@
    accuracy, not at a fixed step, keeps that start the same on every machine: accuracy climbs steeply here
    (0 -> 95% between steps ~330 and ~560) and where exactly depends on the CPU's floating-point rounding
    (docs/benchmarks.md);
-2. RL (configs/rl/tiny-arith.yaml) from that policy for ``--rl-minutes``, with verifiable rewards, the pass-rate
-   band and trajectory reuse;
+2. RL (configs/rl/tiny-arith.yaml) from that policy for the preset's rounds (``--rl-rounds`` to change), with
+   verifiable rewards, the pass-rate band and trajectory reuse;
 3. a table of held-out greedy exact-match accuracy after SFT and after RL.
 
 Each stage writes its own run directory (``RUN_DIR/sft``, ``RUN_DIR/rl``: tensorboard, metrics.jsonl,
@@ -41,15 +41,15 @@ class DemoConfig:
     """SFT stops at the first evaluation whose held-out accuracy reaches this (at the latest after the recipe)."""
     sft_eval_every: int = 10
     """SFT steps between those evaluations."""
-    rl_minutes: float = 12.0
-    """Wall-clock budget of the RL stage (rounds stop when it is spent; the final evaluation comes after)."""
+    rl_rounds: int = 0
+    """RL rounds (0: the RL recipe's)."""
     eval_records: int = 200
     """Held-out problems for both evaluations."""
 
     def __post_init__(self) -> None:
         require(0.0 < self.sft_target_accuracy <= 1.0, "sft-target-accuracy", "must be in (0, 1]")
         require(self.sft_eval_every >= 1, "sft-eval-every", "must be >= 1")
-        require(self.rl_minutes > 0, "rl-minutes", "must be > 0")
+        require(self.rl_rounds >= 0, "rl-rounds", "must be >= 0 (0: the recipe's)")
         require(self.eval_records >= 1, "eval-records", "must be >= 1")
 
 
@@ -63,7 +63,7 @@ def sft_config(cfg: DemoConfig) -> SFTConfig:
 def rl_config(cfg: DemoConfig, policy_dir: str) -> RLConfig:
     base = load_yaml(RLConfig, cfg.rl_config)
     return dataclasses.replace(base, init_from=policy_dir, run_dir=str(Path(cfg.run_dir) / "rl"),
-                               max_minutes=cfg.rl_minutes,
+                               rounds=cfg.rl_rounds or base.rounds,
                                eval=dataclasses.replace(base.eval, num_records=cfg.eval_records))
 
 

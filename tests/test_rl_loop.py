@@ -476,3 +476,25 @@ def test_ablation_report_writes_table_json_and_plot(tmp_path):
     assert "| band+reuse | yes | yes |" in (tmp_path / "ablation.md").read_text()
     assert (tmp_path / "ablation.png").stat().st_size > 1000
     assert json.loads((tmp_path / "ablation.json").read_text())["target_accuracy"] == 0.65
+
+
+def test_overlapped_rounds_are_one_version_stale_and_resume_exactly(tmp_path, straight_run):
+    """--update.overlap: round r + 1 is generated during round r's update, by the policy before that update. Every
+    fresh group is trained one version after the policy that sampled it; stopped after round 2 and resumed (the
+    prefetched round is in the checkpoint), the run logs the updates of an uninterrupted one."""
+    from motif_jax.rl.loop import RLTrainer
+
+    overlap = {**LOOP, "rounds": 6, "update": {**LOOP["update"], "overlap": True}}
+    straight = RLTrainer(_cfg(tmp_path / "straight", **overlap), verifiers=VERIFIERS)
+    s = straight.run()
+    assert s["status"] == "finished" and s["version"] == 6
+    rollout = _read_metrics(tmp_path / "straight")["rollout"]
+    assert [r["rollouts_generated_version"] for r in rollout] == [0, 0, 1, 2, 3, 4]  # round r+1 sampled by version r
+    assert all(r["staleness_1"] >= 2 for r in rollout[1:])  # its fresh groups are one version old when trained
+
+    killed = RLTrainer(_cfg(tmp_path / "split", **{**overlap, "stop_after_steps": 2}), verifiers=VERIFIERS)
+    assert killed.run() == {"status": "stopped", "rounds": 2}
+    resumed = RLTrainer(_cfg(tmp_path / "split", **overlap), verifiers=VERIFIERS)
+    assert sorted(resumed._prefetched) == [2] and resumed.run()["status"] == "finished"
+    a, b = _read_metrics(tmp_path / "split")["update"], _read_metrics(tmp_path / "straight")["update"]
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]

@@ -30,6 +30,7 @@ __all__ = [
     "SandboxConfig",
     "UpdateConfig",
     "VERIFIER_NAMES",
+    "VLLMConfig",
 ]
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"]
@@ -272,6 +273,53 @@ class SandboxConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VLLMConfig:
+    """vLLM as the rollout engine (``--rollout.engine vllm``; the ``vllm`` extra, or ``make vllm-venv`` on a CPU
+    machine; see docs/rl.md). ``colocated`` runs ``vllm.LLM`` inside the trainer's process and pushes the parameters
+    as tensors after every update; ``server`` starts vLLM's OpenAI-compatible server on ``host`` as a subprocess of
+    ``python`` (which may be another environment's interpreter), pushes the parameters as safetensors files through
+    its weight-reload route and stops it when the engine closes or anything fails."""
+
+    FLAG_PREFIX: ClassVar[str] = "rollout.vllm."
+
+    mode: Literal["colocated", "server"] = "colocated"
+    """colocated (vllm.LLM in this process) or server (vLLM's OpenAI-compatible server as a subprocess)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of vLLM's weights and activations (auto: the policy's parameter dtype)."""
+    kv_cache_gib: float = 1.0
+    """Memory of vLLM's KV cache in GiB (host memory on a CPU, device memory on a GPU)."""
+    max_num_seqs: int = 256
+    """Most sequences vLLM decodes at once."""
+    tensor_parallel_size: int = 1
+    """Devices per vLLM engine (tensor parallelism)."""
+    enforce_eager: bool = True
+    """Run the model eagerly (no torch.compile or CUDA graphs): a fast start; false is faster on a GPU."""
+    python: str = ""
+    """Server mode: the interpreter that runs the server, with vLLM installed ("" = this one; e.g.
+    .venv-vllm/bin/python)."""
+    host: str = "127.0.0.1"
+    """Server mode: the address the server listens on."""
+    port: int = 0
+    """Server mode: its port (0: a free port)."""
+    startup_timeout_s: float = 600.0
+    """Server mode: longest wait for the server to answer /health."""
+    request_timeout_s: float = 3600.0
+    """Server mode: longest wait for one generation or weight-sync request."""
+
+    def __post_init__(self) -> None:
+        p = self.FLAG_PREFIX
+        check_choices(self)
+        require_finite(self, "kv_cache_gib", "startup_timeout_s", "request_timeout_s")
+        require(self.kv_cache_gib > 0, p + "kv-cache-gib", f"must be > 0, got {self.kv_cache_gib}")
+        require(self.max_num_seqs >= 1, p + "max-num-seqs", "must be >= 1")
+        require(self.tensor_parallel_size >= 1, p + "tensor-parallel-size", "must be >= 1")
+        require(bool(self.host), p + "host", "must name an address (e.g. 127.0.0.1)")
+        require(0 <= self.port < 65536, p + "port", f"must be in [0, 65535] (0: a free port), got {self.port}")
+        require(self.startup_timeout_s > 0, p + "startup-timeout-s", "must be > 0")
+        require(self.request_timeout_s > 0, p + "request-timeout-s", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """Generation of each round: ``group_size`` sampled responses per prompt with behaviour log-probs under
     softmax(logits / temperature); prompts are left-padded to ``max_prompt_len`` (one compiled shape)."""
@@ -292,6 +340,8 @@ class RolloutConfig:
     """Response budget in tokens (a longer response is truncated, finish reason 'length')."""
     max_prompt_len: int = 64
     """Prompt budget in tokens; longer prompts are skipped with a warning."""
+    vllm: VLLMConfig = VLLMConfig()
+    """Settings of the vLLM engine (used with --rollout.engine vllm)."""
 
     def __post_init__(self) -> None:
         p = self.FLAG_PREFIX
@@ -322,6 +372,9 @@ class UpdateConfig:
     """Optimizer steps per pass over the round's groups."""
     num_passes: int = 1
     """Passes over the round's groups."""
+    overlap: bool = False
+    """Generate round r + 1 while round r's update runs (rollouts one policy version stale, corrected by the
+    importance weights; needs --buffer.max-staleness >= 1; one process)."""
 
     def __post_init__(self) -> None:
         p = self.FLAG_PREFIX
@@ -426,6 +479,10 @@ class RLConfig(RunConfig):
                     f"only {self.fresh_groups} of {self.update.groups_per_round} groups per round are new, so the rest "
                     "must be replayed: set --buffer.max-uses >= 2 (or --update.fresh-groups-per-round to "
                     "--update.groups-per-round)")
+        require(not self.update.overlap or self.buffer.max_staleness >= 1, "buffer.max-staleness",
+                "--update.overlap trains on rollouts one version stale: set it >= 1")
+        require(not self.update.overlap or self.distributed.num_processes == 1, "update.overlap",
+                "runs on one process (its generation and the update would issue collectives concurrently)")
         require(self.buffer.group_size is None or self.buffer.group_size == g, "buffer.group-size",
                 f"is {self.buffer.group_size} but --rollout.group-size is {g}")
         require(self.buffer.capacity_groups >= self.update.groups_per_round, "buffer.capacity-groups",

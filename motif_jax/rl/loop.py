@@ -21,6 +21,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -120,6 +121,7 @@ class RLTrainer(Trainer):
         self.collector = RolloutCollector(cfg, pool, pool_tokens, self.tokenizer, self.verifiers, sampling)
         self.buffer = TrajectoryBuffer(cfg.buffer)
         self.version = self.opt_steps = self.rollouts = 0
+        self._prefetched: dict[int, dict[str, float]] = {}  # round -> metrics of rollouts already in the buffer
 
         # -- train state and compiled programs (before round 1) --------------------------------------------------------
         self.state = self.restore_or_init(self.tx, policy_dir)
@@ -157,18 +159,27 @@ class RLTrainer(Trainer):
         return [r for r, _ in kept], [t for _, t in kept]
 
     # -- one round --------------------------------------------------------------------------------------------------------
+    def collect(self, index: int) -> dict[str, float]:
+        """Round ``index``'s rollouts into the buffer with the engine's current policy; returns their metrics."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, index, 0])  # selection: its own stream (it may run beside an update)
+        with mesh_lib.activate(self.mesh, cfg.mesh):
+            rollouts = self.collector.collect(self.engine, self.buffer, round_index=index, version=self.engine.version,
+                                              rng=rng)
+        m = rollout_metrics(rollouts, success_threshold=cfg.difficulty.success_threshold,
+                            band_counts=self.collector.tracker.band_counts(self.collector.pool_ids))
+        m["rollouts_generated_version"] = float(self.engine.version)
+        return m
+
     def run_unit(self, index: int) -> dict[str, float]:
         t0 = time.time()
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, index])
-        with mesh_lib.activate(self.mesh, cfg.mesh):
-            rollouts = self.collector.collect(self.engine, self.buffer, round_index=index, version=self.version,
-                                              rng=rng)
-        self.rollouts += rollouts.stats.samples
-        m = rollout_metrics(rollouts, success_threshold=cfg.difficulty.success_threshold,
-                            band_counts=self.collector.tracker.band_counts(self.collector.pool_ids))
+        m = self._prefetched.pop(index, None)  # generated during the previous round's update (--update.overlap)
+        m = self.collect(index) if m is None else m
+        self.rollouts += int(m["rollouts_round"])
         m["rollouts"] = float(self.rollouts)
-        m.update(self.update_round(rng))
+        overlap = cfg.update.overlap and index + 1 < self.total
+        m.update(self.update_round(np.random.default_rng([cfg.seed, index, 1]), prefetch=index + 1 if overlap else None))
         bs = self.buffer.stats(self.version)
         m.update({"version": float(self.version), "buffer_groups": float(bs["groups"]),
                   "buffer_fresh_groups": float(bs["fresh_groups"]),
@@ -176,8 +187,12 @@ class RLTrainer(Trainer):
                   "time_round_s": time.time() - t0, "wall_s": self.elapsed()})
         return m
 
-    def update_round(self, rng: np.random.Generator) -> dict[str, float]:
-        """E passes x K mini-batches over the round's groups (fresh + replayed); version + 1 if any step ran."""
+    def update_round(self, rng: np.random.Generator, prefetch: int | None = None) -> dict[str, float]:
+        """E passes x K mini-batches over the round's groups (fresh + replayed); version + 1 if any step ran.
+
+        ``prefetch``: generate that round in a background thread meanwhile, with the policy before this update (one
+        version stale when it is trained on; the truncated importance weights correct for it).
+        """
         cfg = self.cfg
         t0 = time.time()
         mbatch = self.buffer.sample_minibatch(cfg.update.groups_per_round, version_now=self.version, rng=rng,
@@ -188,7 +203,14 @@ class RLTrainer(Trainer):
             return {**m, "time_update_s": time.time() - t0}
         rows = round_rows(mbatch.groups, seq_len=cfg.seq_len, pad_id=self.tokenizer.pad_id, multiple=cfg.micro_batch)
         rows["prox_logp"] = self.proximal_logprobs(rows)
+        m.update(self.engine_gap(rows))
         t_prox = time.time() - t0
+        background = None
+        if prefetch is not None:
+            # the update donates the parameters it replaces: the engine samples from its own copy meanwhile
+            self.engine.sync_weights(jax.tree.map(jnp.copy, self.state.params), self.version)
+            background = threading.Thread(target=lambda: self._prefetched.update({prefetch: self.collect(prefetch)}))
+            background.start()
         steps = []
         for idx in minibatch_rows(rows, num_groups=len(mbatch.groups), group_size=cfg.rollout.group_size,
                                   rows_per_minibatch=cfg.samples_per_minibatch,
@@ -204,12 +226,30 @@ class RLTrainer(Trainer):
             step.update({k: values[k] for k in _ENGINE_KEYS})
             self.writer.write(self.opt_steps, step, prefix="update")
             steps.append(step)
+        if background is not None:
+            background.join()
         self.version += 1
         self.engine.sync_weights(self.state.params, self.version)  # the old buffers were donated to the update
         summary = summarize_steps(steps)
         summary.pop("skipped")  # the guard has seen every step; the round reports their count
         return {**m, **summary, "skipped_steps": float(sum(s["skipped"] for s in steps)),
                 "optimizer_steps": float(len(steps)), "time_proximal_s": t_prox, "time_update_s": time.time() - t0}
+
+    def engine_gap(self, rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """|trainer log-prob - engine log-prob| on the round's newest rows (sampled by the current policy): what
+        the engine and the trainer disagree on, for every engine (0 up to rounding for the JAX engine)."""
+        mb = self.cfg.micro_batch
+        newest = np.flatnonzero(rows["sample_valid"] & (rows["policy_versions"] == self.version))[:mb]
+        if newest.size == 0:
+            return {}
+        take = np.concatenate([newest, np.full(mb - newest.size, rows["tokens"].shape[0] - 1)])
+        sub = {k: v[take] for k, v in rows.items() if k in ("tokens", "targets", "positions", "segment_ids")}
+        with mesh_lib.activate(self.mesh, self.cfg.mesh):
+            ours = host_array(self.logprob_fn(self.state.params, {k: global_array(v, self.batch_shardings[k])
+                                                                   for k, v in sub.items()}))
+        mask = rows["loss_mask"][take] > 0
+        gap = np.abs(ours - rows["behaviour_logp"][take])[mask]
+        return {"engine_logprob_gap_mean": float(gap.mean()), "engine_logprob_gap_max": float(gap.max())}
 
     def proximal_logprobs(self, rows: Mapping[str, np.ndarray]) -> np.ndarray:
         """[R, T] proximal log-probs: the parameters at the start of the round (decoupled) or the behaviour ones."""
@@ -236,7 +276,8 @@ class RLTrainer(Trainer):
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"version": self.version, "opt_steps": self.opt_steps, "rollouts": self.rollouts,
-                "seed": self.cfg.seed, "tracker": self.collector.tracker.state_dict(), "buffer": self._buffer_meta}
+                "seed": self.cfg.seed, "tracker": self.collector.tracker.state_dict(), "buffer": self._buffer_meta,
+                "prefetched": {str(k): v for k, v in self._prefetched.items()}}
 
     def abstract_checkpoint_items(self, extra: Mapping[str, Any]) -> dict[str, Any]:
         return {"buffer": TrajectoryBuffer.abstract_checkpoint_arrays(extra["buffer"],
@@ -253,6 +294,7 @@ class RLTrainer(Trainer):
         self.collector.tracker.load_state_dict(extra["tracker"])
         self.version, self.opt_steps = int(extra["version"]), int(extra["opt_steps"])
         self.rollouts = int(extra["rollouts"])
+        self._prefetched = {int(k): v for k, v in extra.get("prefetched", {}).items()}
         self.log(f"[rl] resumed: version {self.version}, {len(self.buffer)} buffered groups, "
                  f"{len(self.collector.tracker)} tracked prompts")
 
