@@ -6,9 +6,12 @@ verifiers; :meth:`RolloutCollector.collect` runs one round's generation calls (e
 ``prompts_per_call x group_size`` rows, prompts left-padded to ``max_prompt_len``) and returns a
 :class:`RoundRollouts`; :func:`rollout_metrics` turns that into the round's metrics (a pure function).
 
-Selection is difficulty-aware (in-band and unseen prompts first, retired ones revisited with a small probability;
-uniform without ``band_filter``). Calls repeat until ``fresh_groups`` new groups are admitted or ``oversample_factor``
-x that many prompts were tried (DAPO's dynamic sampling, capped); extra admitted groups of the last call are dropped.
+Selection is difficulty-aware and happens before generation: prompts in the band and unseen ones first, prompts
+whose tracked pass rate says too easy or too hard only as rare revisits (``difficulty.revisit_prob``), so known
+out-of-band prompts cost no rollouts; uniform without ``band_filter``. Calls repeat until ``fresh_groups`` new groups
+are in the buffer or ``oversample_factor`` x that many prompts were tried (DAPO's dynamic sampling, capped). Groups
+the band admits beyond the round's quota are not thrown away: they enter the buffer as fresh groups and count
+toward the next round's quota ("carried over").
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class RoundRollouts:
 
     generated: list[Group] = dataclasses.field(default_factory=list)
     admitted: int = 0
-    overflow: int = 0  # admitted by the band after the round's quota was full (dropped)
+    carried_over: int = 0  # admitted after the round's quota was full: kept fresh for the next round
+    selected: dict[str, int] = dataclasses.field(default_factory=dict)  # selected prompts by band before generation
     calls: int = 0
     filled: bool = False  # the round's fresh groups were all admitted
     stats: RolloutStats = dataclasses.field(default_factory=RolloutStats)
@@ -105,6 +109,8 @@ class RolloutCollector:
         tried = 0
         while need > 0 and tried < cap:
             ids = self.select(k, rng)
+            for band in (self.tracker.band(i) for i in ids):
+                out.selected[band] = out.selected.get(band, 0) + 1
             self.tracker.mark_sampled(ids, step=round_index)
             recs = [self.pool[self.by_id[i]] for i in ids]
             toks = [self.pool_tokens[self.by_id[i]] for i in ids]
@@ -128,8 +134,7 @@ class RolloutCollector:
                 if not self.admit(g):
                     continue
                 if need <= 0:
-                    out.overflow += 1
-                    continue
+                    out.carried_over += 1
                 adv = group_advantages(g.rewards[None], normalize_std=ob.normalize_std, eps=ob.adv_eps,
                                        ddof=ob.adv_std_ddof)[0]
                 for sample, a in zip(g.samples, adv):
@@ -152,7 +157,8 @@ def rollout_metrics(r: RoundRollouts, *, success_threshold: float,
         "generation_calls": float(r.calls),
         "groups_generated": float(len(gen)),
         "groups_admitted": float(r.admitted),
-        "groups_overflow": float(r.overflow),
+        "groups_carried_over": float(r.carried_over),
+        "rollouts_per_admitted_group": r.stats.samples / r.admitted if r.admitted else float(r.stats.samples),
         "admit_rate": r.admitted / max(len(gen), 1),
         "batch_filled": float(r.filled),
         "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
@@ -174,4 +180,6 @@ def rollout_metrics(r: RoundRollouts, *, success_threshold: float,
         m[f"pass_rate/{task}"] = float(np.mean([group_pass_rate(g.rewards, success_threshold) for g in gs]))
     for band, count in band_counts.items():
         m[f"prompts_{band}"] = float(count)
+    for band, count in r.selected.items():  # out-of-band prompts generated (revisits), next to the ones chosen
+        m[f"selected_{band}"] = float(count)
     return m
