@@ -83,11 +83,11 @@ class Trainer:
     state: TrainState
     policy_source: str = ""
     data_iterator: Any = None
-    eval_records: list[dict[str, Any]] = []
-    checker: Checker = staticmethod(default_checker)
 
     def __init__(self, cfg: RunConfig, total_units: int):
         self.cfg = cfg
+        self.eval_records: list[dict[str, Any]] = []  # the subclass loads them
+        self.checker: Checker = default_checker
         self.total = total_units
         self.run_dir = Path(cfg.run_dir).absolute()
         self.is_main = jax.process_index() == 0
