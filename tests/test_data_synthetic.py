@@ -137,3 +137,13 @@ def test_make_traces_script(tmp_path, monkeypatch):
     none = read_records(tmp_path / "addition-none-train.jsonl")
     assert [r["meta"]["problem"] for r in none] == [r["meta"]["problem"] for r in train]
     assert json.loads((tmp_path / "linear-none-test.jsonl").read_text().splitlines()[0])["task"] == "linear"
+
+
+def test_a_mixed_pool_joins_several_sources():
+    from motif_jax.data.prompts import load_prompt_records
+
+    pool = load_prompt_records("synthetic:addition?n=20&min_digits=1&max_digits=8;synthetic:linear?n=10&steps=3")
+    assert len(pool) == 30 and {r["task"] for r in pool} == {"addition", "linear"}
+    digits = {len(str(max(r["meta"]["problem"].split("+"), key=len))) for r in pool if r["task"] == "addition"}
+    assert len(digits) >= 4  # a real spread of difficulty
+    assert len(load_prompt_records("synthetic:addition?n=20;synthetic:linear?n=10", limit=25)) == 25

@@ -1,4 +1,7 @@
-"""Prompt records for generation (RL prompt pools, held-out evaluation): a ``synthetic:...`` spec or a JSONL file.
+"""Prompt records for generation (RL prompt pools, held-out evaluation): ``synthetic:...`` specs or JSONL files.
+
+Several sources separated by ``;`` make one mixed pool, e.g. a spread of difficulty:
+``synthetic:addition?min_digits=1&max_digits=8;synthetic:linear?steps=1;synthetic:linear?steps=3``.
 
 A JSONL line is a record with ``messages`` (the conversation; a trailing assistant turn is the reference and is
 dropped when prompting, so SFT trace files serve as held-out sets too), or a ``prompt`` / ``question`` string (one
@@ -44,7 +47,9 @@ def load_prompt_records(spec: str, *, limit: int | None = None, flag: str = "pro
     (default ``<file>:<line>``), ``task`` and the verifier fields (``answer``, ``tests``, ``constraints``, ...)
     pass through. Raises ConfigError naming ``--<flag>`` for a missing file or a malformed line.
     """
-    return route_tasks(_load(spec, limit, flag), task_verifiers or {})
+    parts = [p.strip() for p in spec.split(";") if p.strip()]
+    records = [r for part in parts for r in _load(part, None if len(parts) > 1 else limit, flag)]
+    return route_tasks(records[:limit] if limit else records, task_verifiers or {})
 
 
 def _load(spec: str, limit: int | None, flag: str) -> list[dict[str, Any]]:
