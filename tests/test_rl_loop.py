@@ -314,11 +314,15 @@ def test_loop_compiles_first_learns_logs_health_metrics_and_writes_summary(strai
     assert compiled_at < next(i for i, line in enumerate(lines) if line.startswith("[round 1"))  # before round 1
     assert summary["rounds"] == 20 and summary["version"] == 20 and summary["optimizer_steps"] == 80
     assert summary["status"] == "finished" and summary["skipped_steps"] == 0
-    assert summary["rollouts_generated"] == 20 * 4 * 8  # one generation call of 4 prompts x 8 per round
+    # at most one generation call of 4 prompts x 8 per round: groups admitted past a round's quota of 2 are carried
+    # over, so some rounds need no generation at all
+    assert summary["rollouts_generated"] < 20 * 4 * 8
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
     assert json.loads((run / "summary.json").read_text())["accuracy_after"] == summary["accuracy_after"]
     m = _read_metrics(run)
     assert len(m["update"]) == 80 and len(m["rollout"]) == 20 and len(m["eval"]) == 2
+    assert summary["rollouts_generated"] == sum(r["rollouts_round"] for r in m["rollout"])
+    assert sum(r["groups_carried_over"] for r in m["rollout"]) > 0
     for key in HEALTH:
         assert key in m["update"][0], key
     for key in ROLLOUT:
@@ -490,7 +494,7 @@ def test_overlapped_rounds_are_one_version_stale_and_resume_exactly(tmp_path, st
     assert s["status"] == "finished" and s["version"] == 6
     rollout = _read_metrics(tmp_path / "straight")["rollout"]
     assert [r["rollouts_generated_version"] for r in rollout] == [0, 0, 1, 2, 3, 4]  # round r+1 sampled by version r
-    assert all(r["staleness_1"] >= 2 for r in rollout[1:])  # its fresh groups are one version old when trained
+    assert all(r.get("staleness_0", 0) == 0 for r in rollout[1:])  # no group is trained by the policy that sampled it
 
     killed = RLTrainer(_cfg(tmp_path / "split", **{**overlap, "stop_after_steps": 2}), verifiers=VERIFIERS)
     assert killed.run() == {"status": "stopped", "rounds": 2}

@@ -19,14 +19,8 @@ import time
 import pytest
 
 from motif_jax.rl.config import ConfigError, SandboxConfig
-from motif_jax.rl.sandbox import (
-    SandboxUnavailable,
-    _default_python,
-    _group_members,
-    _session_members,
-    isolation_mode,
-    run_python,
-)
+from motif_jax.rl.sandbox import SandboxUnavailable, _default_python, isolation_mode, run_python
+from motif_jax.rl.sandbox_processes import group_members, session_members
 
 # Each pytest-xdist worker gets its own sandbox uids and temporary directory, so "nothing left" checks see only
 # this worker's runs.
@@ -79,8 +73,8 @@ def _leftover_run_dirs(temp_dir: str = TEMP_DIR) -> list[str]:
 
 
 def _assert_nothing_left(r, cfg: SandboxConfig) -> None:
-    assert _group_members(r.pid) == [], f"leftover processes in group {r.pid}"
-    assert _session_members(r.pid) == [], f"leftover processes in session {r.pid}"
+    assert group_members(r.pid) == [], f"leftover processes in group {r.pid}"
+    assert session_members(r.pid) == [], f"leftover processes in session {r.pid}"
     if r.isolation == "namespaces":
         assert _sandbox_uid_processes(cfg) == []
     assert _leftover_run_dirs(cfg.temp_dir) == []

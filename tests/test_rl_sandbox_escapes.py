@@ -21,7 +21,8 @@ import pytest
 from test_rl_sandbox import MODES, NS, TEMP_DIR, UID_BASE, _cfg, _run, _sandbox_uid_processes, needs_ns
 
 from motif_jax.rl.config import SandboxConfig
-from motif_jax.rl.sandbox import _default_python, _sandbox_runner, run_python
+from motif_jax.rl.sandbox import _default_python, run_python
+from motif_jax.rl.sandbox_runner import _sandbox_runner
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # A second interpreter where _posixsubprocess is compiled in (Debian's python3), to which create_builtin applies.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_rl_sandbox import MODES, TEMP_DIR, UID_BASE, UID_COUNT, _leftover_run_dirs, _sandbox_uid_processes
 
+from motif_jax.rl.code_harness import _wire_decode, _wire_encode
 from motif_jax.rl.config import SandboxConfig
 from motif_jax.rl.verifiers import (
     CodeVerifier,
@@ -22,8 +23,6 @@ from motif_jax.rl.verifiers import (
     MathVerifier,
     Verifier,
     VerifierResult,
-    _wire_decode,
-    _wire_encode,
     combine_rewards,
     default_verifiers,
     extract_answer,

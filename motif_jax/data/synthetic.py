@@ -12,7 +12,7 @@ Trace styles for the same problem:
   ``teacher``   a "frontier teacher" trace: several steps merged per sentence, prose, different notation
                 (place-value decomposition, implicit multiplication ``3x``).
   ``none``      the answer only.
-Every response's content ends with the line ``Answer: <value>`` (:func:`extract_answer`).
+Every response's content ends with the line ``Answer: <value>`` (:func:`motif_jax.data.answers.check_answer`).
 
 Splits ``train`` / ``valid`` / ``test`` are decided by a hash of the problem (task + canonical problem string, with
 ``a+b`` and ``b+a`` merged), so held-out problems can never appear in training, whatever the seed or size. Generation is deterministic in the seed.
@@ -27,6 +27,11 @@ import urllib.parse
 from typing import Any, Sequence
 
 import numpy as np
+
+# The tasks' answer check lives with every other answer check (data/answers.py, whose INTEGER_TASKS holds TASKS);
+# importable from here as before.
+from motif_jax.data.answers import answer_line as extract_answer  # noqa: F401
+from motif_jax.data.answers import check_answer  # noqa: F401
 
 TASKS = ("addition", "linear")
 STYLES = ("aligned", "teacher", "none")
@@ -276,44 +281,6 @@ def make_record(problem: Problem, style: str, *, difficulty: Difficulty | None =
                        .get(style), "style": style},
         "meta": meta,
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Verification
-# ---------------------------------------------------------------------------------------------------------------------
-
-_ANSWER_RE = re.compile(r"^\s*\**Answer\**\s*:\s*\**\s*(.+?)\s*\**\s*$", re.MULTILINE)
-
-
-def extract_answer(text: str) -> str | None:
-    """The value of the last ``Answer: ...`` line of ``text`` (None if there is none)."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1] if found else None
-
-
-def _as_int(s: str) -> int | None:
-    s = s.strip().rstrip(".").replace(",", "").replace(" ", "")
-    if s.lower().startswith("x="):
-        s = s[2:]
-    try:
-        return int(s)
-    except ValueError:
-        return None
-
-
-def check_answer(task: str, response_text: str, answer: str) -> bool:
-    """True iff the response's final ``Answer:`` line equals the reference ``answer``.
-
-    ``addition`` and ``linear`` compare integers (``1,234`` and ``x = 5`` accepted); other tasks compare the
-    whitespace-normalised strings.
-    """
-    got = extract_answer(response_text)
-    if got is None:
-        return False
-    if task in TASKS:
-        g, want = _as_int(got), _as_int(str(answer))
-        return g is not None and g == want
-    return " ".join(got.split()) == " ".join(str(answer).split())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

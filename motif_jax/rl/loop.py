@@ -32,7 +32,7 @@ import numpy as np
 
 from motif_jax.config import ConfigError
 from motif_jax.data.prompts import load_prompt_records
-from motif_jax.data.synthetic import TASKS, check_answer
+from motif_jax.data.answers import answer_check
 from motif_jax.data.template import stop_token_ids
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.generate import SamplingConfig
@@ -47,6 +47,7 @@ from motif_jax.rl.rollout import prompt_tokens
 from motif_jax.rl.step import RL_BATCH_KEYS, make_logprob_fn, policy_loss
 from motif_jax.rl.update import minibatch_rows, round_rows, summarize_steps
 from motif_jax.rl.verifiers import Verifier, default_verifiers, score_response
+from motif_jax.train.evaluate import default_checker
 from motif_jax.train.loop import Trainer
 from motif_jax.train.metrics import to_python
 from motif_jax.train.optim import make_optimizer, make_schedule
@@ -60,11 +61,13 @@ _ENGINE_KEYS = ("loss", "grad_norm", "update_norm", "learning_rate", "skipped")
 
 
 def make_checker(verifiers: Mapping[str, Verifier], success_threshold: float) -> Callable[[Mapping[str, Any], str], bool]:
-    """Evaluation checker: the synthetic tasks' own answer check, else the verifiers' reward >= the threshold."""
+    """Evaluation checker: a record with an answer check (``data.answers.answer_check``) gets exactly SFT's verdict
+    (``train.evaluate.default_checker``); others (code tests, format checks) pass when the verifiers' reward >= the
+    threshold."""
 
     def checker(record: Mapping[str, Any], content: str) -> bool:
-        if record.get("task") in TASKS and "answer" in record:
-            return check_answer(record["task"], content, record["answer"])
+        if answer_check(record) is not None:
+            return default_checker(record, content)
         return score_response(record, content, verifiers).total >= success_threshold
 
     return checker
@@ -195,8 +198,10 @@ class RLTrainer(Trainer):
         """
         cfg = self.cfg
         t0 = time.time()
+        # exactly the configured share of fresh groups (oldest first); fresh groups carried over from a round that
+        # admitted more than its quota wait for the next one
         mbatch = self.buffer.sample_minibatch(cfg.update.groups_per_round, version_now=self.version, rng=rng,
-                                              fresh_fraction=None)
+                                              fresh_fraction=cfg.fresh_groups / cfg.update.groups_per_round)
         m: dict[str, float] = {"train_groups": float(len(mbatch.groups)), "replay_fraction": mbatch.replay_fraction,
                                **{f"staleness_{k}": float(v) for k, v in mbatch.staleness_histogram.items()}}
         if not mbatch.groups:

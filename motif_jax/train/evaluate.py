@@ -1,7 +1,9 @@
 """Evaluation shared by SFT and RL: exact-match accuracy of greedy generations on verifiable records.
 
 A record (schema in docs/data.md) is prompted exactly as training rendered it (``render_prompt`` of its messages
-up to the last assistant turn); the generated turn's content (after ``</think>``) is checked by the task's verifier.
+up to the last assistant turn); the generated turn's content (after ``</think>``) is checked by the record's answer
+check (``motif_jax.data.answers``: routed by its ``verifiers`` / ``answer_type`` / ``task``), the same verdict RL's
+evaluation gives the record.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from motif_jax.data.synthetic import check_answer
+from motif_jax.data.answers import answer_correct
 from motif_jax.data.template import prompt_messages, render_prompt, response_text, split_response, stop_token_ids
 from motif_jax.data.tokenizer import Tokenizer
 from motif_jax.model.generate import Generation, SamplingConfig, generate
@@ -21,7 +23,9 @@ Checker = Callable[[Mapping[str, Any], str], bool]
 
 
 def default_checker(record: Mapping[str, Any], content: str) -> bool:
-    return check_answer(record["task"], content, record["answer"])
+    """The record's answer check on ``content`` (``data.answers.answer_correct``). Raises ValueError for a record
+    without one (code tests and format checks need RL's verifiers: ``rl.loop.make_checker``)."""
+    return answer_correct(record, content)
 
 
 def prompts_for(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> list[list[int]]:
