@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from kernels import linear_log_probs
-from motif_jax.data.synthetic import check_answer, extract_answer
+from motif_jax.data.answers import answer_check, answer_correct
+from motif_jax.data.synthetic import extract_answer
 from motif_jax.data.template import apply_template
 from motif_jax.data.tokenizer import Tokenizer
 from motif_jax.model.transformer import Decoder
@@ -48,13 +49,13 @@ def format_stats(record: Mapping[str, Any]) -> dict[str, Any]:
     turn = next((m for m in reversed(record["messages"]) if m["role"] == "assistant"), {})
     reasoning = turn.get("reasoning") or ""
     content = turn.get("content", "")
-    reference = record.get("answer")
     return {
         "steps": sum(1 for line in reasoning.splitlines() if line.strip()),
         "reasoning_chars": len(reasoning),
         "content_chars": len(content),
         "has_answer_line": extract_answer(content) is not None,
-        "answer_correct": None if reference is None else check_answer(record.get("task", ""), content, reference),
+        # the evaluation's verdict (data.answers), so a kept trace is one the trainers would score as right
+        "answer_correct": None if answer_check(record) is None else answer_correct(record, content),
     }
 
 

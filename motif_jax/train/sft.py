@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from motif_jax.config import require
+from motif_jax.data.answers import answer_check
 from motif_jax.data.config import DataConfig, SourceConfig
 from motif_jax.data.pipeline import make_data_iterator, to_global_array
 from motif_jax.data.prompts import load_prompt_records
@@ -120,6 +121,9 @@ class SFTTrainer(Trainer):
         if cfg.eval.heldout:
             self.eval_records = load_prompt_records(cfg.eval.heldout, limit=cfg.eval.num_records, flag="eval.heldout",
                                                     task_verifiers=cfg.task_verifiers)
+            unchecked = [r["id"] for r in self.eval_records if answer_check(r) is None]
+            require(not unchecked, "eval.heldout", f"records {unchecked[:3]} have no answer to check (an 'answer' "
+                    "field, routed to exact, steps or math by --task-verifiers)")
         self._eval_batches = self._heldout_batches()
         self._context = self.mesh.shape.get("context", 1)
         self._peak = cfg.peak_flops_per_device or next(
