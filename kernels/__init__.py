@@ -1,4 +1,9 @@
-"""Kernels used by motif_jax; imports jax only (never motif_jax)."""
+"""Kernels used by motif_jax; imports jax only (never motif_jax).
+
+The LM-head loss (``kernels.lm_head``: xla, pallas, triton backends), the attention kernels the model dispatches
+to (``attention_cudnn``, ``attention_splash``), the lowering target every backend choice follows
+(``kernels.target``) and what a lowered program contains (``kernels.lowering``).
+"""
 
 from kernels.lm_head import (
     IMPLS,
@@ -10,14 +15,20 @@ from kernels.lm_head import (
     resolve_impl,
     sharded_linear_log_probs,
 )
+from kernels.lm_head_tiles import KernelTiles
+from kernels.target import Target, current_target, lowering_target
 
 __all__ = [
     "IMPLS",
     "BackendUnavailableError",
+    "KernelTiles",
+    "Target",
+    "current_target",
     "default_blocks",
     "linear_cross_entropy",
     "linear_cross_entropy_sums",
     "linear_log_probs",
+    "lowering_target",
     "resolve_impl",
     "sharded_linear_log_probs",
 ]

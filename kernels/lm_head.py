@@ -10,7 +10,11 @@ Backends (``impl``):
   xla     pure JAX (scan over token chunks x vocab blocks); portable, and the oracle for the others.
   pallas  Pallas forward kernel (interpreted on CPU, Triton lowering on GPU) + the xla backward.
   triton  Triton forward kernel through jax-triton (CUDA/ROCm only) + the xla backward.
-  auto    xla on CPU and TPU; on GPU triton when jax-triton can run, else xla (see docs/kernels.md).
+  auto    xla everywhere until a GPU measurement shows a kernel beats it (see docs/kernels.md).
+
+Every choice (backend, tiles, interpret mode) follows the platform the program is lowered for
+(``kernels.target.current_target``), not the host's default backend, so lowering for CUDA or TPU from a CPU
+host gives the program that platform runs.
 
 This module imports jax only (never motif_jax).
 """
@@ -19,12 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from kernels import target as target_lib
+from kernels.lm_head_tiles import KernelTiles, choose_tiles
 
 __all__ = [
     "BackendUnavailableError",
@@ -48,8 +56,6 @@ _F32 = jnp.float32
 # Tile sizes of the xla path per platform: (token_chunk, vocab_block). CPU: tuned on a 2-core EPYC
 # (scripts/bench_loss.py); GPU/TPU: untested guesses sized so one f32 tile is 128 MiB / 64 MiB.
 _XLA_BLOCKS = {"cpu": (1024, 4096), "gpu": (4096, 8192), "tpu": (2048, 8192)}
-# Tiles of the pallas / triton forward kernels: (tokens, vocab, depth); powers of two (Triton rule).
-_KERNEL_BLOCKS = (64, 128, 64)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -67,7 +73,7 @@ class _Plan:
     impl: str  # resolved backend of the forward: "xla" | "pallas" | "triton"
     token_chunk: int  # xla tiles (forward for xla, backward for every impl)
     vocab_block: int
-    kernel_blocks: tuple[int, int, int]  # (tokens, vocab, depth) tiles of the pallas/triton forward
+    kernel_tiles: KernelTiles  # tiles of the pallas/triton forward (kernels.lm_head_tiles)
     valid_vocab: int | None  # global count of real vocab columns; None: every column is real
     with_entropy: bool
     interpret: bool  # pallas interpret mode (CPU)
@@ -77,29 +83,28 @@ class _Plan:
 
 
 def _platform() -> str:
-    backend = jax.default_backend()
-    return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+    """The platform of the program being traced (explicit target, else the mesh's devices, else this process's)."""
+    return target_lib.current_target().platform
 
 
 def default_blocks(platform: str | None = None) -> tuple[int, int]:
-    """Default (token_chunk, vocab_block) of the xla path on ``platform`` (default: this process's)."""
+    """Default (token_chunk, vocab_block) of the xla path on ``platform`` (default: the current target's)."""
     return _XLA_BLOCKS.get(platform or _platform(), _XLA_BLOCKS["cpu"])
 
 
 def resolve_impl(impl: str = "auto") -> str:
-    """The backend ``impl`` runs on here; raises BackendUnavailableError if it cannot run in this process."""
+    """The backend ``impl`` runs on for the current target; raises BackendUnavailableError if it cannot run there.
+
+    ``auto`` is ``xla`` on every platform: on GPU the xla path's matmuls are cuBLAS GEMMs and neither kernel has
+    been measured against it on a GPU yet (scripts/gpu_check.py does; docs/kernels.md)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     platform = _platform()
     if impl == "auto":
-        if platform == "gpu":
-            from kernels import lm_head_triton
-
-            return "triton" if lm_head_triton.unavailable_reason() is None else "xla"
         return "xla"
     if impl == "pallas" and platform not in ("cpu", "gpu"):
         raise BackendUnavailableError(
-            f"impl='pallas' supports CPU (interpret mode) and GPU (Triton lowering); this process runs on "
+            f"impl='pallas' supports CPU (interpret mode) and GPU (Triton lowering); the program is lowered for "
             f"{platform!r}, where this kernel has no Mosaic lowering. Use impl='xla' (or 'auto')."
         )
     if impl == "triton":
@@ -146,22 +151,27 @@ def _check_inputs(x, w, targets, valid_vocab, token_chunk, vocab_block) -> None:
 
 
 def _make_plan(x, w, targets, *, with_entropy, impl, token_chunk, vocab_block, valid_vocab,
-               mesh=None, token_axes=(), vocab_axis=None) -> _Plan:
+               mesh=None, token_axes=(), vocab_axis=None, kernel_tiles=None) -> _Plan:
     _check_inputs(x, w, targets, valid_vocab, token_chunk, vocab_block)
     resolved = resolve_impl(impl)
-    platform = _platform()
-    chunk, block = default_blocks(platform)
-    kt, kv, kd = _KERNEL_BLOCKS
+    target = target_lib.current_target()
+    chunk, block = default_blocks(target.platform)
+    tiles = kernel_tiles
     if resolved == "xla":
         chunk, block = token_chunk or chunk, vocab_block or block
-    else:  # the sizes given apply to the kernel's tiles; its backward keeps the xla defaults
-        kt, kv = token_chunk or kt, vocab_block or kv
+    elif tiles is None:  # the sizes given apply to the kernel's tiles; its backward keeps the xla defaults
+        t_local, v_local = x.shape[0], w.shape[1]
+        if mesh is not None:  # the kernel sees one device's tokens and vocabulary slice
+            t_local //= math.prod(mesh.shape[a] for a in token_axes)
+            v_local //= mesh.shape[vocab_axis]
+        tiles = choose_tiles(t_local, v_local, target.platform, target.compute_capability,
+                             block_t=token_chunk, block_v=vocab_block)
     if valid_vocab is not None and valid_vocab >= w.shape[1]:
         valid_vocab = None
     return _Plan(
-        impl=resolved, token_chunk=chunk, vocab_block=block, kernel_blocks=(kt, kv, kd),
+        impl=resolved, token_chunk=chunk, vocab_block=block, kernel_tiles=tiles or KernelTiles(),
         valid_vocab=valid_vocab, with_entropy=bool(with_entropy),
-        interpret=(platform == "cpu"), mesh=mesh, token_axes=tuple(token_axes), vocab_axis=vocab_axis,
+        interpret=target.interpret, mesh=mesh, token_axes=tuple(token_axes), vocab_axis=vocab_axis,
     )
 
 
@@ -319,12 +329,12 @@ def _local_stats(x, w, y, valid, plan: _Plan):
     if plan.impl == "pallas":
         from kernels import lm_head_pallas
 
-        return lm_head_pallas.stats(x, w, y, valid, blocks=plan.kernel_blocks, interpret=plan.interpret,
+        return lm_head_pallas.stats(x, w, y, valid, tiles=plan.kernel_tiles, interpret=plan.interpret,
                                     with_entropy=plan.with_entropy)
     if plan.impl == "triton":
         from kernels import lm_head_triton
 
-        return lm_head_triton.stats(x, w, y, valid, blocks=plan.kernel_blocks, with_entropy=plan.with_entropy)
+        return lm_head_triton.stats(x, w, y, valid, tiles=plan.kernel_tiles, with_entropy=plan.with_entropy)
     return _xla_stats(x, w, y, valid, plan)
 
 
@@ -455,6 +465,7 @@ def linear_log_probs(
     token_chunk: int | None = None,
     vocab_block: int | None = None,
     valid_vocab: int | None = None,
+    kernel_tiles: KernelTiles | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-token log p(targets) and (optionally) entropy of softmax(x @ w), without materialising [T, V].
 
@@ -465,7 +476,9 @@ def linear_log_probs(
       with_entropy: also return the entropy H = lse - E[z] of each token's distribution.
       impl: "auto" | "xla" | "pallas" | "triton" (see the module docstring).
       token_chunk, vocab_block: tile sizes (None: per-platform defaults). For pallas/triton they are the
-        kernel's token and vocab tiles (powers of two on GPU).
+        kernel's token and vocab tiles (powers of two on GPU), the rest from ``kernels.lm_head_tiles``.
+      kernel_tiles: the pallas/triton kernel's whole tile configuration (overrides the table and the two
+        sizes above; vocab slices included).
       valid_vocab: columns >= valid_vocab of w are padding (vocab padded for sharding) and get probability 0.
 
     Returns:
@@ -473,7 +486,7 @@ def linear_log_probs(
       into both outputs at once.
     """
     plan = _make_plan(x, w, targets, with_entropy=with_entropy, impl=impl, token_chunk=token_chunk,
-                      vocab_block=vocab_block, valid_vocab=valid_vocab)
+                      vocab_block=vocab_block, valid_vocab=valid_vocab, kernel_tiles=kernel_tiles)
     logp, ent, _ = _fused(*_prepare(x, w, targets, plan))
     return logp, ent
 
@@ -491,6 +504,7 @@ def sharded_linear_log_probs(
     token_chunk: int | None = None,
     vocab_block: int | None = None,
     valid_vocab: int | None = None,
+    kernel_tiles: KernelTiles | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """`linear_log_probs` with w split over the vocab (``vocab_axis``) and tokens over ``token_axes``.
 
@@ -502,7 +516,7 @@ def sharded_linear_log_probs(
     token_axes = (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
     plan = _make_plan(x, w, targets, with_entropy=with_entropy, impl=impl, token_chunk=token_chunk,
                       vocab_block=vocab_block, valid_vocab=valid_vocab, mesh=mesh,
-                      token_axes=token_axes, vocab_axis=vocab_axis)
+                      token_axes=token_axes, vocab_axis=vocab_axis, kernel_tiles=kernel_tiles)
     _check_mesh(plan, x.shape[0], w.shape[1])
     logp, ent, _ = _fused(*_prepare(x, w, targets, plan))
     return logp, ent
@@ -541,6 +555,7 @@ def linear_cross_entropy_sums(
     mesh: Mesh | None = None,
     token_axes: str | tuple[str, ...] = ("data",),
     vocab_axis: str = "tensor",
+    kernel_tiles: KernelTiles | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Un-normalised masked cross-entropy: (numerator, denominator, aux).
 
@@ -557,7 +572,7 @@ def linear_cross_entropy_sums(
                          f"{getattr(mask, 'shape', None)}")
     mask = mask.astype(_F32)
     kw = dict(with_entropy=False, impl=impl, token_chunk=token_chunk, vocab_block=vocab_block,
-              valid_vocab=valid_vocab)
+              valid_vocab=valid_vocab, kernel_tiles=kernel_tiles)
     if mesh is not None:
         token_axes = (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
         plan = _make_plan(x, w, targets, **kw, mesh=mesh, token_axes=token_axes, vocab_axis=vocab_axis)
@@ -594,6 +609,7 @@ def linear_cross_entropy(
     mesh: Mesh | None = None,
     token_axes: str | tuple[str, ...] = ("data",),
     vocab_axis: str = "tensor",
+    kernel_tiles: KernelTiles | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Masked mean cross-entropy of softmax(x @ w) against targets, plus z_loss * mean(lse^2).
 
@@ -603,7 +619,8 @@ def linear_cross_entropy(
     """
     num, den, aux = linear_cross_entropy_sums(
         x, w, targets, mask, z_loss=z_loss, impl=impl, token_chunk=token_chunk, vocab_block=vocab_block,
-        valid_vocab=valid_vocab, mesh=mesh, token_axes=token_axes, vocab_axis=vocab_axis)
+        valid_vocab=valid_vocab, mesh=mesh, token_axes=token_axes, vocab_axis=vocab_axis,
+        kernel_tiles=kernel_tiles)
     n = jnp.maximum(den, 1.0)
     loss = num / n
     out = {

@@ -56,7 +56,7 @@ def check_choices(cfg: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 AttentionKind = Literal["standard", "differential"]
-AttentionImpl = Literal["xla", "blockwise", "cudnn"]
+AttentionImpl = Literal["xla", "blockwise", "cudnn", "splash", "auto"]
 MlpKind = Literal["swiglu", "polynorm"]
 DType = Literal["float32", "bfloat16", "float16"]
 # Names of motif_jax.model.remat.REMAT_POLICIES (that module checks it defines exactly these).
@@ -165,7 +165,8 @@ class ModelConfig:
     param_dtype: DType = "float32"
     """Dtype of the stored parameters."""
     attention_impl: AttentionImpl = "xla"
-    """Attention backend: xla (dense), blockwise (flash-style, O(T) memory) or cudnn (GPU)."""
+    """Attention backend: xla (dense), blockwise (flash-style, O(T) memory, portable), cudnn (GPU), splash (TPU)
+    or auto (cudnn on GPU, splash on TPU, blockwise elsewhere)."""
     attention_block_q: int = 512
     """Query block of the blockwise attention (memory O(block_q * block_kv) per head)."""
     attention_block_kv: int = 512

@@ -31,14 +31,17 @@ def test_triton_raises_backend_unavailable_without_gpu():
     assert resolve_impl("auto") == "xla"
 
 
-def test_known_incompatible_jax_triton_is_reported(monkeypatch):
-    """jax 0.12 with jax-triton 0.4.1: every triton_call fails while tracing; say so before trying."""
+def test_jax_triton_0_4_1_with_jax_0_12_is_usable_through_the_shim_and_breakage_is_reported(monkeypatch):
+    """jax-triton 0.4.1's two-argument DCE rule is adapted (kernels.lm_head_triton.adapt_dce_rule), so that
+    pairing is no longer refused; a pairing listed as incompatible is reported before any tracing."""
     monkeypatch.setattr(lm_head_triton, "_backend", lambda: "gpu")
     versions = {"jax-triton": "0.4.1", "jax": "0.12.0.1"}
     monkeypatch.setattr(lm_head_triton, "_installed_version", versions.get)
     monkeypatch.setattr(lm_head_triton.importlib.util, "find_spec", lambda name: object())
-    reason = lm_head_triton.unavailable_reason()
-    assert reason is not None and "_triton_kernel_call_dce_rule" in reason and "jax 0.11" in reason
+    assert lm_head_triton.unavailable_reason() is None
+    monkeypatch.setattr(lm_head_triton, "_KNOWN_INCOMPATIBLE",
+                        [((0, 4, 1), (0, 12, 0), "jax-triton {jt} breaks with jax {jax}")])
+    assert "jax-triton 0.4.1 breaks with jax 0.12.0.1" in lm_head_triton.unavailable_reason()
     versions["jax"] = "0.11.2"
     assert lm_head_triton.unavailable_reason() is None
     versions["jax-triton"] = None

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "memory_plan.py"
 BIG = ["--config", "motif-2-12.7b", "--devices", "8", "--seq-len", "65536", "--device-memory-gb", "80"]
@@ -37,6 +39,9 @@ def test_12b_64k_fits_one_node_with_recommended_mesh_and_not_without_remat():
     bad = _start(BIG + ["--mesh.fsdp", "1", "--mesh.context", "8", "--remat", "none", "--loss", "naive"])
     good, bad = _result(good), _result(bad)
     assert good["params"] == 12_703_860_896
+    # the preset's cuDNN attention cannot compile on XLA:CPU: the plan says which program it measured
+    assert good["attention_impl"] == "cudnn" and good["compiler"] == "xla:cpu"
+    assert good["compiled"] == {"platform": "cpu", "attention_impl": "blockwise", "loss_impl": "xla"}
     assert good["fits"] and good["per_device_bytes"]["total"] <= 70e9, good
     assert good["per_device_bytes"]["arguments"] > 12_703_860_896 * 12 / 8 * 0.99  # fp32 params + Adam, sharded 8x
     assert not bad["fits"] and bad["per_device_bytes"]["total"] > 80e9, bad
@@ -49,3 +54,28 @@ def test_planner_rejects_impossible_meshes_naming_the_flag():
                    "--seq-len", "1000"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--seq-len" in out and "16" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--seq-len", "-1"], "--seq-len"),
+    (["--devices", "abc"], "--devices"),
+    (["--devices", "0"], "--devices"),
+    (["--devices=-3"], "--devices"),
+    (["--batch", "x"], "--batch"),
+    (["--microbatches", "0"], "--microbatches"),
+    (["--remat", "everything"], "--remat"),
+    (["--device-memory-gb", "-1"], "--device-memory-gb"),
+    (["--attention-impl", "flash"], "--attention-impl"),
+    (["--config", "no-such-preset"], "--config"),
+    (["--no-compile"], "--compile"),
+    (["--gpu", "NVIDIA A100"], "--gpu"),  # without --lower-for
+    (["--lower-for", "cuda", "--gpu", "Radeon 7"], "--gpu"),
+    (["--attention-impl", "cudnn", "--lower-for", "cuda", "--no-compile"], "--dtype"),  # tiny computes in f32
+    (["--bogus-flag", "1"], "--bogus-flag"),
+])
+def test_every_bad_argument_is_one_error_line_naming_the_flag(args, flag):
+    proc = _start(["--config", "tiny", "--seq-len", "256", *args])
+    out, _ = proc.communicate(timeout=120)
+    lines = out.strip().splitlines()
+    assert proc.returncode == 2, out[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), lines

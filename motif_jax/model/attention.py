@@ -1,10 +1,15 @@
-"""Scaled dot-product attention kernels behind one switch: ``xla``, ``blockwise`` and ``cudnn``.
+"""Scaled dot-product attention kernels behind one switch: ``xla``, ``blockwise``, ``cudnn``, ``splash``, ``auto``.
 
 All take the same arguments and compute the same function: grouped-query attention where a query may attend to a
 key iff both lie in the same segment and the key's position is not later than the query's. Masking by
 (segment id, position) rather than by index covers causal attention, packed rows, left-padded generation prompts,
 a KV cache and permuted (load-balanced) context-parallel layouts with one rule. Segment id 0 marks padding: it only
 ever matches other padding, so no real token sees it.
+
+``cudnn`` (CUDA) and ``splash`` (TPU) mask by token index (causal) and segment: they are used for rows in natural
+order (``kernels.attention_layout``) and fall back to ``blockwise`` at run time otherwise, so every backend computes
+the same function. Which kernel ``auto`` means, and whether a kernel can run, follows the lowering target
+(``kernels.target``), never the host's default backend.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import PartitionSpec as P
+
+from kernels import attention_cudnn, attention_splash
+from kernels import target as target_lib
+from kernels.attention_layout import natural_runs
+from motif_jax.config import DEFAULT_LOGICAL_RULES
+from motif_jax.parallel import rules as rules_lib
 
 _MASKED = -1e30  # finite: a fully masked block must not turn the online softmax into NaN
 
@@ -215,36 +228,119 @@ def blockwise_attention(
     return out[:, :t].reshape(b, t, hq, v.shape[-1]).astype(q.dtype)
 
 
-def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None):
-    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only).
+def _same_rows(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+    """Self-attention: queries and keys carry the same (segment id, position) rows."""
+    if q_segment_ids.shape != kv_segment_ids.shape:
+        return jnp.asarray(False)
+    return jnp.all(q_segment_ids == kv_segment_ids) & jnp.all(q_positions == kv_positions)
 
-    The (segment, position) rule is passed as a boolean mask, which costs O(T * S) memory: fine for ordinary
-    lengths; at 64K use context parallelism (each shard's block) or ``blockwise``. A value width different from the
-    key width (differential attention's [V1|V2]) is computed as two calls, which is exact.
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None,
+                    block_q=512, block_kv=512, max_segments=attention_cudnn.MAX_SEGMENTS):
+    """cuDNN flash attention (``kernels.attention_cudnn``) for a CUDA target; same contract as :func:`xla_attention`.
+
+    Self-attention rows in natural order (``kernels.attention_layout``: what packing produces) take cuDNN's causal
+    mask, per-row lengths or its ragged packed layout (at most ``max_segments`` runs a row): no [T, S] mask or bias
+    exists and the masked half of the causal square is skipped. Any other layout (permuted rows, more runs) takes
+    the blockwise kernel, chosen at run time, so the result is always exact. Queries and keys of different lengths
+    (a KV cache) use an additive [B, 1, T, S] bias (generation, where T is small).
     """
-    if jax.default_backend() != "gpu":
+    reason = attention_cudnn.unsupported_reason(q.shape, k.shape, v.shape, q.dtype)
+    if reason is not None:
         raise AttentionBackendError(
-            f"attention_impl='cudnn' needs a CUDA GPU, but the default backend is {jax.default_backend()!r}; "
-            "use --model.attention-impl blockwise (any platform) or xla (small shapes)."
+            f"attention_impl='cudnn' cannot run: {reason}. Use --model.attention-impl blockwise (any platform), "
+            "splash (TPU) or auto."
         )
-    if v.shape[-1] != k.shape[-1]:
-        half = v.shape[-1] // 2
-        args = (q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-        a = cudnn_attention(q, k, v[..., :half], *args, scale=scale)
-        c = cudnn_attention(q, k, v[..., half:], *args, scale=scale)
-        return jnp.concatenate([a, c], axis=-1)
-    mask = _mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)[:, 0]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.shape[1] != k.shape[1]:
+        allowed = _mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)[:, 0, 0]  # [B, T, S]
+        return attention_cudnn.bias_attention(q, k, v, allowed, scale=scale)
+    lay = attention_cudnn.layout(q_segment_ids, q_positions, max_segments)
+    fast = lay.natural & _same_rows(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    args = (q, k, v)
+    branches = [
+        lambda q, k, v: blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                                            scale=scale, block_q=block_q, block_kv=block_kv),
+        lambda q, k, v: attention_cudnn.attention(q, k, v, lay, scale=scale, packed=True),
+        lambda q, k, v: attention_cudnn.attention(q, k, v, lay, scale=scale, packed=False),
+    ]
+    index = jnp.where(fast, jnp.where(lay.single, 2, 1), 0)
+    return jax.lax.switch(index, branches, *args)
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None,
+                     block_q=512, block_kv=512):
+    """Splash attention (``kernels.attention_splash``) for a TPU target (interpreted on CPU); same contract as
+    :func:`xla_attention`. Natural-order self-attention rows take the causal, segment-aware splash kernel; any other
+    layout (or a KV cache) takes the blockwise kernel, so the result is always exact."""
+    reason = attention_splash.unsupported_reason(q.shape, k.shape)
+    if reason is not None:
+        raise AttentionBackendError(
+            f"attention_impl='splash' cannot run: {reason}. Use --model.attention-impl blockwise, cudnn (GPU) or auto."
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    blockwise = functools.partial(blockwise_attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                  q_positions=q_positions, kv_positions=kv_positions, scale=scale, block_q=block_q,
+                                  block_kv=block_kv)
+    if q.shape[1] != k.shape[1]:
+        return blockwise(q, k, v)
+    fast = natural_runs(q_segment_ids, q_positions).natural & _same_rows(
+        q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    kernel = lambda q, k, v, seg: attention_splash.attention(q, k, v, seg, scale=scale)
+    return jax.lax.cond(fast, lambda q, k, v: _per_device(kernel, q, k, v, q_segment_ids),
+                        lambda q, k, v: blockwise(q, k, v), q, k, v)
+
+
+def _per_device(kernel, q, k, v, segment_ids):
+    """Runs ``kernel(q, k, v, segment_ids)`` on each device's rows and heads: Pallas TPU kernels are not partitioned
+    automatically, so under an (auto-sharded) mesh the call goes in a shard_map over the ``batch`` and ``heads``
+    rules' axes (where they divide); inside a shard_map (context parallelism) or without a mesh it runs as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh._any_axis_manual:
+        return kernel(q, k, v, segment_ids)
+    rules = rules_lib.active_rules() or DEFAULT_LOGICAL_RULES
+    sizes = dict(mesh.shape)
+
+    def axes(name, taken, divides):
+        spec = rules_lib.logical_to_spec((name,), rules, mesh.axis_names)[0]
+        out = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+        out = tuple(a for a in out if a not in taken)
+        while out and any(n % math.prod(sizes[a] for a in out) for n in divides):
+            out = out[:-1]
+        return out
+
+    batch = axes("batch", set(), (q.shape[0],))
+    heads = axes("heads", set(batch), (q.shape[2], k.shape[2]))
+    spec = P(batch or None, None, heads or None, None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+IMPLS = ("xla", "blockwise", "cudnn", "splash", "auto")
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """``auto`` -> the kernel for the lowering target (``kernels.target``): cudnn on a CUDA GPU (bf16/fp16 inputs),
+    splash on TPU, blockwise elsewhere; other names are returned unchanged."""
+    if impl != "auto":
+        return impl
+    platform = target_lib.current_target().platform
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "splash" if platform == "tpu" else "blockwise"
 
 
 def attend(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, impl="xla", scale=None,
            block_q=512, block_kv=512):
-    """Dispatches to the implementation named by ``impl`` (``--model.attention-impl``)."""
+    """Dispatches to the implementation named by ``impl`` (``--model.attention-impl``; ``auto`` per target)."""
     args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    impl = resolve_impl(impl, q.dtype)
     if impl == "xla":
         return xla_attention(*args, scale=scale)
     if impl == "blockwise":
         return blockwise_attention(*args, scale=scale, block_q=block_q, block_kv=block_kv)
     if impl == "cudnn":
-        return cudnn_attention(*args, scale=scale)
-    raise ValueError(f"unknown attention implementation {impl!r}; choose xla, blockwise or cudnn")
+        return cudnn_attention(*args, scale=scale, block_q=block_q, block_kv=block_kv)
+    if impl == "splash":
+        return splash_attention(*args, scale=scale, block_q=block_q, block_kv=block_kv)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLS}")

@@ -6,8 +6,10 @@ attention needs keys and values from other shards. Two strategies (``--mesh.cont
 
 ``all_gather``
     Each shard all-gathers K, V and their segment ids / positions over ``context`` and attends with its local
-    queries (any ``--model.attention-impl``). K/V memory per device is that of the full sequence (small next to
+    queries (``xla`` or ``blockwise``). K/V memory per device is that of the full sequence (small next to
     the activations at 64K: [T, kv_heads, head_dim]); the backward's transpose is a reduce-scatter of dK/dV.
+    With ``cudnn`` or ``splash``, which mask by token index and need whole natural-order sequences, the shards
+    exchange heads instead (all-to-all of q, k, v and the output; :func:`_heads_local`).
 
 ``ring``
     K/V blocks travel around the ring of ``context`` devices with ``ppermute``; each step computes one block of
@@ -32,10 +34,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from kernels.attention_layout import natural_runs
 from motif_jax.config import DEFAULT_LOGICAL_RULES
 from motif_jax.model import attention as attn_lib
 from motif_jax.parallel import rules as rules_lib
-from motif_jax.parallel.context import CONTEXT_AXIS, STRATEGIES, active_strategy
+from motif_jax.parallel.context import (
+    CONTEXT_AXIS,
+    STRATEGIES,
+    active_strategy,
+    inverse_permutation,
+    load_balance_permutation,
+)
 
 __all__ = ["context_parallel_attention"]
 
@@ -49,6 +58,51 @@ def _all_gather_local(q, k, v, qs, ks, qp, kp, *, impl, scale, block_q, block_kv
     gather = functools.partial(lax.all_gather, axis_name=CONTEXT_AXIS, axis=1, tiled=True)
     k, v, ks, kp = gather(k), gather(v), gather(ks), gather(kp)
     return attn_lib.attend(q, k, v, qs, ks, qp, kp, impl=impl, scale=scale, block_q=block_q, block_kv=block_kv)
+
+
+def _heads_local(q, k, v, qs, ks, qp, kp, *, n, impl, scale, block_q, block_kv):
+    """all_gather strategy for kernels that mask by token index (cudnn, splash): exchange heads, not K/V.
+
+    An all-to-all over ``context`` turns the [B, T/C, H, D] shards into [B, T, H/C, D] (every device holds the whole
+    sequence for 1/C of the heads, Ulysses-style), the load-balanced layout is undone when the rows are in it (the
+    kernels need natural order; any other layout is left as is and the kernel's own check sends it to blockwise),
+    the kernel runs as ordinary self-attention, and a second all-to-all brings [B, T/C, H, Dv] back. Per device
+    this holds q, k, v and the output at their local size, never the full-sequence K/V of the gather.
+    """
+    hq, hk = q.shape[2], k.shape[2]
+    if hk % n and n % hk == 0 and hq % n == 0:
+        # fewer key/value heads than devices: each one serves n / hk devices' query heads (GQA keeps the pairing:
+        # query head h still meets key/value head h // (hq / hk)); the repeat's transpose sums their gradients
+        k, v = jnp.repeat(k, n // hk, axis=2), jnp.repeat(v, n // hk, axis=2)
+    elif hq % n or hk % n:
+        raise attn_lib.AttentionBackendError(
+            f"attention_impl={impl!r} under context parallelism exchanges heads between the {n} context devices: "
+            f"the query heads ({hq}) and key/value heads ({hk}) each device holds must be divisible by "
+            f"--mesh.context {n} (change --mesh.context or --mesh.tensor, or use --model.attention-impl blockwise)"
+        )
+    to_heads = functools.partial(lax.all_to_all, axis_name=CONTEXT_AXIS, split_axis=2, concat_axis=1, tiled=True)
+    gather = functools.partial(lax.all_gather, axis_name=CONTEXT_AXIS, axis=1, tiled=True)
+    q, k, v = to_heads(q), to_heads(k), to_heads(v)
+    seg, pos = gather(qs), gather(qp)
+    del ks, kp  # self-attention: the keys' rows are the queries' rows
+    t = seg.shape[1]
+    to_bal = None
+    if t % (2 * n) == 0:
+        perm = load_balance_permutation(t, n)
+        inv = inverse_permutation(perm)
+        balanced = natural_runs(seg[:, inv], pos[:, inv]).natural & ~natural_runs(seg, pos).natural
+        ident = jnp.arange(t, dtype=jnp.int32)
+        to_nat, to_bal = jnp.where(balanced, inv, ident), jnp.where(balanced, perm, ident)
+        take = lambda x: jnp.take(x, to_nat, axis=1)
+        q, k, v, seg, pos = take(q), take(k), take(v), take(seg), take(pos)
+    out = attn_lib.attend(q, k, v, seg, seg, pos, pos, impl=impl, scale=scale, block_q=block_q, block_kv=block_kv)
+    if to_bal is not None:
+        out = jnp.take(out, to_bal, axis=1)
+    return lax.all_to_all(out, CONTEXT_AXIS, split_axis=1, concat_axis=2, tiled=True)
+
+
+# Kernels that mask by token index: under context parallelism they run on whole, natural-order sequences.
+_INDEX_MASKED = ("cudnn", "splash")
 
 
 def _ring_perm(n: int) -> list[tuple[int, int]]:
@@ -214,7 +268,10 @@ def context_parallel_attention(
     heads = P(bspec, CONTEXT_AXIS, hspec, None)
     tokens = P(bspec, CONTEXT_AXIS)
 
-    if strategy == "all_gather":
+    impl = attn_lib.resolve_impl(impl, q.dtype)
+    if strategy == "all_gather" and impl in _INDEX_MASKED:
+        body = functools.partial(_heads_local, n=n, impl=impl, scale=scale, block_q=block_q, block_kv=block_kv)
+    elif strategy == "all_gather":
         body = functools.partial(_all_gather_local, impl=impl, scale=scale, block_q=block_q, block_kv=block_kv)
     else:
         body = functools.partial(_ring_local, n=n, scale=scale, block_q=block_q, block_kv=block_kv)

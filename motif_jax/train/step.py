@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from kernels import target as target_lib
 from motif_jax.config import MeshConfig
 from motif_jax.data.pipeline import BATCH_KEYS
 from motif_jax.model.lm_head import cross_entropy_sums
@@ -47,6 +48,7 @@ __all__ = [
     "batch_shardings",
     "compile_train_step",
     "lm_loss",
+    "lower_train_step",
     "make_grad_fn",
     "make_train_step",
     "memory_stats",
@@ -280,6 +282,55 @@ class CompiledStep:
         return self.fn(state, batch, frozen) if self.with_frozen else self.fn(state, batch)
 
 
+def lower_train_step(
+    loss: Loss,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    abstract_state: TrainState,
+    batch: Mapping[str, Any],
+    mesh_cfg: MeshConfig | None = None,
+    num_microbatches: int = 1,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    frozen: Any = None,
+    frozen_shardings: Any = None,
+) -> jax.stages.Lowered:
+    """The train step of :func:`compile_train_step`, lowered but not compiled.
+
+    Lowered for the target of ``kernels.target.current_target()``: under an explicit
+    ``kernels.target.lowering_target("cuda")`` the StableHLO is CUDA's (cuDNN and Triton custom calls; the mesh may
+    be of simulated CPU devices), which this host can inspect but not compile. Otherwise it is lowered for the
+    mesh's own devices (CPU, or compile-only TPU devices from a topology).
+    """
+    mesh_cfg = mesh_cfg or MeshConfig()
+    batch = {k: batch[k] for k in loss.keys}
+    b_shardings = batch_shardings(mesh, batch, mesh_cfg.logical_rules)
+    step = make_train_step(loss, tx, num_microbatches=num_microbatches, schedule=schedule,
+                           param_shardings=state_shardings.params)
+    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    args = [jax.tree.map(spec, abstract_state, state_shardings), jax.tree.map(spec, batch, b_shardings)]
+    in_shardings = [state_shardings, b_shardings]
+    if frozen is not None:
+        args.append(jax.tree.map(spec, frozen, frozen_shardings))
+        in_shardings.append(frozen_shardings)
+    else:
+        step = (lambda f: lambda state, batch: f(state, batch, None))(step)
+    jitted = jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_shardings,
+                                                                            mesh_lib.replicated(mesh)),
+                     donate_argnums=0)
+    target = target_lib.current_target()
+    with mesh_lib.activate(mesh, mesh_cfg):
+        if not (target.explicit and target.lowering_platforms != (mesh.devices.flat[0].platform,)):
+            return jitted.trace(*args).lower()
+        # Lowering for another platform (CUDA from CPU devices): JAX's GPU kernel lowerings (Pallas Triton) read
+        # the target GPU from the abstract mesh's device, so trace and lower under an abstract mesh that names it.
+        abstract = jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types,
+                                             abstract_device=target_lib.abstract_device(target))
+        with jax.sharding.use_abstract_mesh(abstract):
+            return jitted.trace(*args).lower(lowering_platforms=target.lowering_platforms)
+
+
 def compile_train_step(
     loss: Loss,
     tx: optax.GradientTransformation,
@@ -302,24 +353,10 @@ def compile_train_step(
     Batch arrays are sharded by :func:`batch_shardings`; ``frozen`` (e.g. reference parameters) by
     ``frozen_shardings``. Prints (``verbose``, process 0) and returns the per-device memory with the executable.
     """
-    mesh_cfg = mesh_cfg or MeshConfig()
-    batch = {k: batch[k] for k in loss.keys}
-    b_shardings = batch_shardings(mesh, batch, mesh_cfg.logical_rules)
-    step = make_train_step(loss, tx, num_microbatches=num_microbatches, schedule=schedule,
-                           param_shardings=state_shardings.params)
-    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    args = [jax.tree.map(spec, abstract_state, state_shardings), jax.tree.map(spec, batch, b_shardings)]
-    in_shardings = [state_shardings, b_shardings]
-    if frozen is not None:
-        args.append(jax.tree.map(spec, frozen, frozen_shardings))
-        in_shardings.append(frozen_shardings)
-    else:
-        step = (lambda f: lambda state, batch: f(state, batch, None))(step)
-    jitted = jax.jit(step, in_shardings=tuple(in_shardings), out_shardings=(state_shardings,
-                                                                            mesh_lib.replicated(mesh)),
-                     donate_argnums=0)
-    with mesh_lib.activate(mesh, mesh_cfg):
-        compiled = jitted.lower(*args).compile()
+    lowered = lower_train_step(loss, tx, mesh=mesh, state_shardings=state_shardings, abstract_state=abstract_state,
+                               batch=batch, mesh_cfg=mesh_cfg, num_microbatches=num_microbatches,
+                               schedule=schedule, frozen=frozen, frozen_shardings=frozen_shardings)
+    compiled = lowered.compile()
     mem = memory_stats(compiled)
     if verbose and jax.process_index() == 0:
         print(f"{label}: {mem.describe()}", flush=True)
