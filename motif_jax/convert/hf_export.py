@@ -1,15 +1,20 @@
-"""Our parameters + ModelConfig -> a Hugging Face model directory.
+"""Our parameters + ModelConfig -> Hugging Face tensors: a model directory, or a stream for a running engine.
 
-Writes ``config.json`` for the architecture, safetensors shards of at most ``max_shard_size`` bytes with
-``model.safetensors.index.json`` (one ``model.safetensors`` when everything fits in one shard), and copies the
-tokenizer files when a source directory is given. The shard plan is made from shapes alone; each shard's tensors
-are then gathered to host one (per-layer) tensor at a time, so host memory holds at most one shard.
+One mapping serves both: :func:`hf_tensor_specs` lists every Hugging Face tensor of a parameter State (name,
+shape, dtype, bytes: from shapes alone, nothing gathered) and :func:`hf_tensors` yields ``(hf_name, array)`` pairs,
+gathering to host one (per-layer) tensor at a time. :func:`export_hf` writes ``config.json`` for the architecture,
+safetensors shards of at most ``max_shard_size`` bytes with ``model.safetensors.index.json`` (one
+``model.safetensors`` when everything fits in one shard) and the tokenizer files when a source directory is given,
+holding at most one shard on host; the vLLM rollout engine (``motif_jax.rl.engines.vllm_engine``) pushes the same
+pairs into vLLM after every update.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,68 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One Hugging Face tensor of a parameter State: ``name`` (e.g. ``model.layers.3.mlp.up_proj.weight``), its
+    ``shape`` and ``dtype`` as written, and where it comes from (``param.path``, ``layer`` of a stacked parameter or
+    None; ``param.transpose`` for ``nn.Linear`` weights)."""
+
+    name: str
+    param: ParamMap
+    layer: int | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def _values(state: nnx.State | nnx.Module, cfg: ModelConfig) -> dict[tuple[str, ...], Any]:
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state, nnx.Param)
+    values = flatten_tree(state)
+    for m in param_maps(cfg):
+        if m.path not in values:
+            raise ConversionError(f"parameter {'/'.join(m.path)} is missing from the state to export")
+    return values
+
+
+def hf_tensor_specs(state: nnx.State | nnx.Module, cfg: ModelConfig, *, dtype: str | None = None) -> list[HFTensor]:
+    """Every Hugging Face tensor of ``state`` (parameter State or Decoder) in a stable order (the order of
+    :func:`~motif_jax.convert.mapping.param_maps`, layer by layer), from shapes alone. ``dtype`` casts every
+    tensor (default: the parameters' dtypes)."""
+    values = _values(state, cfg)
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    specs = []
+    for m in param_maps(cfg):
+        arr = values[m.path]
+        shape = hf_shape(m, tuple(arr.shape))
+        for layer, name in enumerate(m.hf_names(cfg.num_layers)):
+            specs.append(HFTensor(name, m, layer if m.stacked else None, shape, out_dtype or np.dtype(arr.dtype)))
+    return specs
+
+
+def hf_tensors(
+    state: nnx.State | nnx.Module,
+    cfg: ModelConfig,
+    *,
+    dtype: str | None = None,
+    specs: Sequence[HFTensor] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(hf_name, array)`` pairs of ``state`` in the Hugging Face layout (``nn.Linear`` weights ``[out, in]``, one
+    tensor per layer), C-contiguous host arrays gathered one at a time, so the caller holds one tensor unless it
+    keeps them. ``specs`` (a subset of :func:`hf_tensor_specs`) selects and orders the tensors; ``dtype`` casts.
+    Multi-host: every process iterates (arrays are gathered collectively)."""
+    values = _values(state, cfg)
+    for spec in specs if specs is not None else hf_tensor_specs(state, cfg, dtype=dtype):
+        arr = values[spec.param.path]
+        host = _to_host(arr if spec.layer is None else arr[spec.layer])
+        if spec.param.transpose:
+            host = host.T
+        yield spec.name, np.ascontiguousarray(host, dtype=spec.dtype)
+
+
 def export_hf(
     state: nnx.State | nnx.Module,
     cfg: ModelConfig,
@@ -65,16 +132,8 @@ def export_hf(
     features). ``dtype``: cast every tensor (e.g. ``bfloat16``); default keeps the parameters' dtypes.
     Multi-host: every process calls it (arrays are gathered collectively), process 0 writes.
     """
-    if isinstance(state, nnx.Module):
-        state = nnx.state(state, nnx.Param)
-    values = flatten_tree(state)
-    maps = param_maps(cfg)
-    for m in maps:
-        if m.path not in values:
-            raise ConversionError(f"parameter {'/'.join(m.path)} is missing from the state to export")
-    out_dtype = None if dtype is None else np.dtype(dtype)
-    first_dtype = str(out_dtype or np.dtype(values[("embed",)].dtype))
-    hf_config = config_to_hf(cfg, arch, dtype=first_dtype, base=base_config, token_ids=token_ids)
+    specs = hf_tensor_specs(state, cfg, dtype=dtype)
+    hf_config = config_to_hf(cfg, arch, dtype=str(specs[0].dtype), base=base_config, token_ids=token_ids)
 
     out_dir = Path(out_dir)
     writer = jax.process_index() == 0
@@ -86,42 +145,29 @@ def export_hf(
                 stale.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Plan: (hf name, map, layer or None, bytes) in a stable order, packed greedily into shards.
-    entries: list[tuple[str, ParamMap, int | None, int]] = []
-    for m in maps:
-        arr = values[m.path]
-        itemsize = (out_dtype or np.dtype(arr.dtype)).itemsize
-        nbytes = int(np.prod(hf_shape(m, tuple(arr.shape)))) * itemsize
-        for layer, name in enumerate(m.hf_names(cfg.num_layers)):
-            entries.append((name, m, layer if m.stacked else None, nbytes))
+    # Plan from shapes: tensors in a stable order, packed greedily into shards.
     limit = parse_size(max_shard_size)
-    shards: list[list[tuple[str, ParamMap, int | None, int]]] = [[]]
+    shards: list[list[HFTensor]] = [[]]
     size = 0
-    for entry in entries:
-        if shards[-1] and size + entry[3] > limit:
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append(entry)
-        size += entry[3]
+        shards[-1].append(spec)
+        size += spec.nbytes
 
     n = len(shards)
     weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards):
         file = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        tensors: dict[str, np.ndarray] = {}
-        for name, m, layer, _ in shard:
-            arr = values[m.path]
-            host = _to_host(arr if layer is None else arr[layer])
-            if m.transpose:
-                host = host.T
-            tensors[name] = np.ascontiguousarray(host, dtype=out_dtype or host.dtype)
-            weight_map[name] = file
+        tensors = dict(hf_tensors(state, cfg, specs=shard))
+        weight_map.update({name: file for name in tensors})
         if writer:
             save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
         del tensors
     if writer:
         if n > 1:
-            total = sum(e[3] for e in entries)
+            total = sum(spec.nbytes for spec in specs)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
@@ -144,4 +190,4 @@ def export_pretrained(init_dir: str | Path, out_dir: str | Path, **kwargs: Any) 
     return export_hf(state, cfg, out_dir, **kwargs)
 
 
-__all__ = ["export_hf", "export_pretrained", "parse_size"]
+__all__ = ["HFTensor", "export_hf", "export_pretrained", "hf_tensor_specs", "hf_tensors", "parse_size"]

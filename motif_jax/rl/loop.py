@@ -40,7 +40,7 @@ from motif_jax.parallel import mesh as mesh_lib
 from motif_jax.parallel.hosts import global_array, host_array
 from motif_jax.rl.buffer import TrajectoryBuffer
 from motif_jax.rl.collect import RolloutCollector, rollout_metrics
-from motif_jax.rl.engines import make_engine
+from motif_jax.rl.engines import check_available, make_engine
 from motif_jax.rl.config import RLConfig
 from motif_jax.rl.objective import finalize_metrics
 from motif_jax.rl.rollout import prompt_tokens
@@ -105,6 +105,8 @@ class RLTrainer(Trainer):
         total_steps = max(cfg.rounds * cfg.steps_per_round, 1)
         self.schedule = make_schedule(cfg.optim, total_steps)
         self.tx = make_optimizer(cfg.optim, total_steps, schedule=self.schedule)
+
+        check_available(cfg.rollout)
 
         # -- prompts, verifiers, RL state ------------------------------------------------------------------------------
         pool, pool_tokens = self._fit_prompts(load_prompt_records(cfg.prompts, task_verifiers=cfg.task_verifiers),

@@ -7,7 +7,16 @@ from typing import Any
 
 from motif_jax.rl.engines.base import RolloutEngine, Rollouts
 
-__all__ = ["RolloutEngine", "Rollouts", "make_engine"]
+__all__ = ["RolloutEngine", "Rollouts", "check_available", "make_engine"]
+
+
+def check_available(rollout: Any) -> None:
+    """Raises ConfigError (naming the extra) if ``rollout.engine`` cannot run here: called at start-up, before
+    anything is compiled, so a missing vLLM costs seconds, not a compile."""
+    if rollout.engine == "vllm":
+        from motif_jax.rl.engines.vllm_engine import require_vllm
+
+        require_vllm(rollout.vllm.python if rollout.vllm.mode == "server" else "")
 
 
 def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
