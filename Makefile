@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 # libtpu for the TPU memory planner (scripts/memory_plan.py --topology): installed into a target directory that
 # only the planner's subprocess puts on its path, never into .venv (JAX would switch the suite to the TPU backend).

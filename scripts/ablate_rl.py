@@ -68,7 +68,7 @@ def _rollout_curve(run_dir: Path) -> list[dict[str, float]]:
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if r.get("split") == "rollout":
+        if r.get("split") == "rollout" and "reward_mean" in r:
             rows.append({"rollouts": r["rollouts"], "reward_mean": r["reward_mean"], "pass_rate": r["pass_rate"]})
     return rows
 

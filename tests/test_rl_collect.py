@@ -78,6 +78,8 @@ def test_admitted_groups_past_the_quota_are_carried_over_not_dropped():
     # the next round's quota is already met by the carried-over groups: nothing is generated for it
     r2 = col.collect(engine, buffer, round_index=1, version=0, rng=np.random.default_rng(1))
     assert r2.calls == 0 and len(engine.calls) == 1
+    m2 = rollout_metrics(r2, success_threshold=0.5, band_counts={})
+    assert m2["rollouts_round"] == 0 and "reward_mean" not in m2 and "pass_rate" not in m2  # not a reward of 0
 
 
 def test_prompts_known_to_be_out_of_band_are_not_generated_again():

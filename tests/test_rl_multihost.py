@@ -69,7 +69,8 @@ def test_two_processes_run_rl_like_one_process(tmp_path, compile_cache):  # noqa
         assert len(a) == len(b) > 0 and [r["step"] for r in a] == [r["step"] for r in b]
         for ra, rb in zip(a, b):
             for k in keys:
-                np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6, err_msg=f"{split} {k}")
+                assert (k in ra) == (k in rb), f"{split} {k}"
+                np.testing.assert_allclose(ra.get(k, 0.0), rb.get(k, 0.0), rtol=1e-5, atol=1e-6, err_msg=f"{split} {k}")
     assert not (two / "summary.json").read_text() == ""  # process 0 wrote the summary
     from motif_jax.train.checkpoint import load_policy
 

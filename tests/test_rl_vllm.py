@@ -200,7 +200,7 @@ def check_rl(run_dir: str) -> dict:
     update = [r for r in lines if r["split"] == "update"]
     # The first update of a round has the sampler's weights: |trainer - vLLM| log-probs is numerical noise.
     first = update[::cfg.steps_per_round]
-    return {"rewards": [r["reward_mean"] for r in rollout], "status": summary["status"],
+    return {"rewards": [r["reward_mean"] for r in rollout if "reward_mean" in r], "status": summary["status"],
             "prox_behaviour_absdiff_max": [r["prox_behaviour_absdiff_max"] for r in first],
             "time_generate_s": [r["time_generate_s"] for r in rollout]}
 

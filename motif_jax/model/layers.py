@@ -203,9 +203,8 @@ class Attention(nnx.Module):
         q_signal = q[:, :, :, :r].reshape(b, t, ng * r, hd)  # group-major: head g * r + i
         q_noise = q[:, :, :, r]  # [B, T, ng, hd]
         k = k.reshape(k.shape[0], k.shape[1], nkv, 2, hd)  # S may exceed T with a KV cache
-        v = v.reshape(v.shape[0], v.shape[1], nkv, 2, hd)
         k_signal, k_noise = k[:, :, :, 0], k[:, :, :, 1]
-        v_both = jnp.concatenate([v[:, :, :, 0], v[:, :, :, 1]], axis=-1)  # [B, S, nkv, 2 hd] = [V1 | V2]
+        v_both = v.reshape(v.shape[0], v.shape[1], nkv, 2 * hd)  # [B, S, nkv, 2 hd] = [V1 | V2]: a free reshape
         signal = sdpa(q_signal, k_signal, v_both).astype(jnp.float32)  # [B, T, ng r, 2 hd]
         noise = sdpa(q_noise, k_noise, v_both).astype(jnp.float32)  # [B, T, ng, 2 hd]
         noise = jnp.repeat(noise, r, axis=2)  # each noise head serves the r signal heads of its group

@@ -151,7 +151,6 @@ def rollout_metrics(r: RoundRollouts, *, success_threshold: float,
     """The round's rollout metrics: counts, admission, rewards and pass rates (overall and per task), response
     lengths, truncation, verifier statuses, zero-spread groups, timings, and the pool's prompts per band."""
     gen, n = r.generated, max(r.stats.samples, 1)
-    rewards = [s.reward for g in gen for s in g.samples]
     m: dict[str, float] = {
         "rollouts_round": float(r.stats.samples),
         "generation_calls": float(r.calls),
@@ -159,17 +158,20 @@ def rollout_metrics(r: RoundRollouts, *, success_threshold: float,
         "groups_admitted": float(r.admitted),
         "groups_carried_over": float(r.carried_over),
         "rollouts_per_admitted_group": r.stats.samples / r.admitted if r.admitted else float(r.stats.samples),
-        "admit_rate": r.admitted / max(len(gen), 1),
         "batch_filled": float(r.filled),
-        "reward_mean": float(np.mean(rewards)) if rewards else 0.0,
-        "pass_rate": float(np.mean([group_pass_rate(g.rewards, success_threshold) for g in gen])) if gen else 0.0,
-        "response_length_mean": r.stats.length_sum / n,
-        "response_length_max": float(r.stats.length_max),
-        "truncation_rate": r.stats.truncated / n,
-        "zero_std_group_frac": float(np.mean(zero_std_groups(np.stack([g.rewards for g in gen])))) if gen else 0.0,
         "time_generate_s": r.time_generate_s,
         "time_verify_s": r.time_verify_s,
     }
+    if gen:  # a round whose fresh quota was met by carried-over groups generates nothing: no sample statistics
+        m |= {
+            "admit_rate": r.admitted / len(gen),
+            "reward_mean": float(np.mean([s.reward for g in gen for s in g.samples])),
+            "pass_rate": float(np.mean([group_pass_rate(g.rewards, success_threshold) for g in gen])),
+            "response_length_mean": r.stats.length_sum / n,
+            "response_length_max": float(r.stats.length_max),
+            "truncation_rate": r.stats.truncated / n,
+            "zero_std_group_frac": float(np.mean(zero_std_groups(np.stack([g.rewards for g in gen])))),
+        }
     for status, count in r.stats.status.items():
         m[f"verifier_{status}_frac"] = count / n
     by_task: dict[str, list[Group]] = {}
