@@ -62,6 +62,29 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positi
     return o.reshape(b, t, hk * g, dv).astype(q.dtype)
 
 
+def cached_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None):
+    """Attention over a head-major KV cache, as decoding reads it: no transpose or copy of the cache per step.
+
+    q: [B, T, Hv, C, G, D]: G query heads for each of the Hv * C key heads, C key heads per value head (1 for
+    GQA; 2 for differential attention, whose signal and noise keys share one [V1 | V2] value); k: [B, Hv * C, S, D];
+    v: [B, Hv, S, Dv]; segment ids / positions as in :func:`xla_attention`. Returns [B, T, Hv, C, G, Dv] in fp32.
+    Both einsums keep the cache's (batch, head) dimensions leading, so XLA feeds the cache buffers to the dots as
+    they are (a [B, S, H, D] cache is transposed whole per layer and step: most of a decode step's time on CPU).
+    """
+    b, t, hv, c, g, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.reshape(b, hv, c, k.shape[2], d)  # free: heads are major
+    # Each dot in XLA's own order (batch, lhs rows, contracting / rhs columns): a different output order makes XLA:CPU
+    # transpose the operands instead; only the small query and output are moved.
+    qm = jnp.transpose(q, (0, 2, 3, 4, 1, 5)).reshape(b, hv, c, g * t, d)
+    s = jnp.einsum("bvcmd,bvcsd->bvcms", qm, k, preferred_element_type=jnp.float32) * scale
+    s = s.reshape(b, hv, c, g, t, k.shape[3])
+    s = jnp.where(_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)[:, None], s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1).reshape(b, hv, c * g * t, k.shape[3])
+    o = jnp.einsum("bvms,bvse->bvme", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.transpose(o.reshape(b, hv, c, g, t, v.shape[3]), (0, 4, 1, 2, 3, 5))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Blockwise (flash-style) attention in pure JAX: memory O(block_q * block_kv) per head, exact gradients through a
 # custom VJP that recomputes each block's probabilities from the saved log-sum-exp (no [T, S] residuals).

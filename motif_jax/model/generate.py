@@ -102,10 +102,10 @@ def _sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax
 
 
 def _constrain_cache(cache):
-    """Cache rows over the ``batch`` rule's axes (k, v: [layers, B, S, kv_heads, head_dim])."""
+    """Cache rows over the ``batch`` rule's axes, heads over ``kv_heads``'s (k, v: [layers, B, heads, S, D])."""
     out = dict(cache)
     for name in ("k", "v"):
-        out[name] = constrain(cache[name], (None, "batch", None, "kv_heads", None))
+        out[name] = constrain(cache[name], (None, "batch", "kv_heads", None, None))
     for name in ("segment_ids", "positions"):
         out[name] = constrain(cache[name], ("batch", None))
     return out

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from motif_jax.config import ModelConfig, RopeScalingConfig
 from motif_jax.model import remat
-from motif_jax.model.attention import attend
+from motif_jax.model.attention import attend, cached_attention, resolve_impl
 from motif_jax.model.context_attention import context_parallel_attention
 from motif_jax.parallel.context import active_context_mesh
 from motif_jax.parallel.rules import constrain
@@ -141,11 +141,12 @@ class Attention(nnx.Module):
     def __call__(self, x, segment_ids, positions, layer_index, kv_cache=None, cache_index=None):
         """x: [B, T, embed]; segment_ids, positions: [B, T] int32; layer_index: scalar int32.
 
-        kv_cache: None, or a dict with k, v [layers, B, S, Hk, D] (every layer's cache, carried whole so the write
-        below is in place: no per-layer slice, copy or re-stack of the cache per decode step) and segment_ids,
-        positions [B, S] (already holding this step's); this step's keys and values are written at
-        (``layer_index``, ``cache_index``) and attention runs over this layer's buffer. Returns (out [B, T, embed],
-        updated (k, v) caches or None).
+        kv_cache: None, or a dict with head-major k [layers, B, Hk, S, D] and v [layers, B, Hv, S, Dv] (see
+        ``init_kv_cache``; every layer's cache, carried whole so the write below is in place: no per-layer re-stack
+        of the cache per decode step) and segment_ids, positions [B, S] (already holding this step's); this step's
+        keys and values are written at (``layer_index``, ``cache_index``) and attention runs over this layer's
+        buffer: decode steps (T = 1) and the xla impl with :func:`cached_attention`, longer prefills with the
+        configured kernel. Returns (out [B, T, embed], updated (k, v) caches or None).
         """
         cfg = self.cfg
         b, t, _ = x.shape
@@ -164,14 +165,20 @@ class Attention(nnx.Module):
 
         new_kv = None
         kv_seg, kv_pos = segment_ids, positions
-        if kv_cache is not None:
-            start = (layer_index, 0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype)[None], start)
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype)[None], start)
-            new_kv = (k_all, v_all)
+        if kv_cache is not None:  # head-major buffers: k [L, B, Hk, S, D], v [L, B, Hv, S, Dv] (init_kv_cache)
+            hv, dv = kv_cache["v"].shape[2], kv_cache["v"].shape[4]
+            new = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v.reshape(b, t, hv, dv), 1, 2))  # [B, H, T, D]: small
+            start = (layer_index, 0, 0, cache_index, 0)
+            new_kv = tuple(jax.lax.dynamic_update_slice(kv_cache[n], x.astype(kv_cache[n].dtype)[None], start)
+                           for n, x in zip(("k", "v"), new))
+            # The barrier keeps XLA from fusing the layer read below into the write, a fusion that reads the old
+            # buffer and so makes XLA:CPU copy the whole cache to update it (every layer and step).
+            new_kv = jax.lax.optimization_barrier(new_kv)
             kv_seg, kv_pos = kv_cache["segment_ids"], kv_cache["positions"]
-            k = jax.lax.dynamic_index_in_dim(k_all, layer_index, keepdims=False).astype(q.dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer_index, keepdims=False).astype(q.dtype)
+            k, v = (jax.lax.dynamic_index_in_dim(x, layer_index, keepdims=False).astype(q.dtype) for x in new_kv)
+            if t == 1 or resolve_impl(cfg.attention_impl, q.dtype) == "xla":  # decode steps: [B, H, 1, S] logits
+                return self._output(self._cached(q, k, v, kv_seg, kv_pos, segment_ids, positions, layer_index)), new_kv
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, H, D] for the fused kernels
 
         cp = kv_cache is None and active_context_mesh() is not None  # sequence sharded over `context`
 
@@ -187,36 +194,64 @@ class Attention(nnx.Module):
             )
 
         if cfg.attention == "standard":
-            out = sdpa(q, k, v).reshape(b, t, cfg.num_heads * hd)
-        else:
-            out = self._differential(q, k, v, sdpa, layer_index)
-        out = checkpoint_name(out, remat.ATTENTION_OUT)
-        out = checkpoint_name(self.o_proj(out), remat.OUT_PROJ)
-        return out, new_kv
+            return self._output(sdpa(q, k, v).reshape(b, t, cfg.num_heads * hd)), new_kv
+        q_signal, q_noise = self._split_queries(q)
+        s = k.shape[1]  # may exceed T with a KV cache
+        k = k.reshape(b, s, cfg.num_kv_groups, 2, hd)
+        v_both = v.reshape(b, s, cfg.num_kv_groups, 2 * hd)  # [B, S, nkv, 2 hd] = [V1 | V2]: a free reshape
+        signal = sdpa(q_signal, k[:, :, :, 0], v_both)  # [B, T, ng r, 2 hd]
+        noise = sdpa(q_noise, k[:, :, :, 1], v_both)  # [B, T, ng, 2 hd]
+        return self._output(self._differential(signal, noise, layer_index)), new_kv
 
-    def _differential(self, q, k, v, sdpa, layer_index):
-        """Grouped differential attention (recipe.md): out_h = SubLN(S_h - lambda N_g) (1 - lambda_init)."""
+    def _output(self, out):
+        """[B, T, attention_out_dim] -> o_proj -> [B, T, embed]."""
+        out = checkpoint_name(out, remat.ATTENTION_OUT)
+        return checkpoint_name(self.o_proj(out), remat.OUT_PROJ)
+
+    def _split_queries(self, q):
+        """q [B, T, heads, D] -> signal [B, T, ng r, D] (group-major: head g * r + i), noise [B, T, ng, D]."""
+        b, t, _, hd = q.shape
+        ng, r = self.cfg.num_query_groups, self.cfg.diff_ratio
+        q = q.reshape(b, t, ng, r + 1, hd)
+        return q[:, :, :, :r].reshape(b, t, ng * r, hd), q[:, :, :, r]
+
+    def _cached(self, q, k, v, kv_seg, kv_pos, segment_ids, positions, layer_index):
+        """Decoding attention over this layer's head-major cache (k [B, Hk, S, D], v [B, Hv, S, Dv]) with
+        :func:`cached_attention`; differential attention batches its signal and noise keys as C = 2 key heads per
+        [V1 | V2] value, the noise queries zero-padded to the signal heads' count. Returns [B, T, out_dim]."""
         cfg = self.cfg
         b, t, _, hd = q.shape
-        ng, r, nkv = cfg.num_query_groups, cfg.diff_ratio, cfg.num_kv_groups
-        q = q.reshape(b, t, ng, r + 1, hd)
-        q_signal = q[:, :, :, :r].reshape(b, t, ng * r, hd)  # group-major: head g * r + i
-        q_noise = q[:, :, :, r]  # [B, T, ng, hd]
-        k = k.reshape(k.shape[0], k.shape[1], nkv, 2, hd)  # S may exceed T with a KV cache
-        k_signal, k_noise = k[:, :, :, 0], k[:, :, :, 1]
-        v_both = v.reshape(v.shape[0], v.shape[1], nkv, 2 * hd)  # [B, S, nkv, 2 hd] = [V1 | V2]: a free reshape
-        signal = sdpa(q_signal, k_signal, v_both).astype(jnp.float32)  # [B, T, ng r, 2 hd]
-        noise = sdpa(q_noise, k_noise, v_both).astype(jnp.float32)  # [B, T, ng, 2 hd]
-        noise = jnp.repeat(noise, r, axis=2)  # each noise head serves the r signal heads of its group
+        args = (segment_ids, kv_seg, positions, kv_pos)
+        if cfg.attention == "standard":
+            hk = cfg.num_kv_heads
+            out = cached_attention(q.reshape(b, t, hk, 1, cfg.num_heads // hk, hd), k, v, *args)
+            return out.reshape(b, t, cfg.num_heads * hd).astype(q.dtype)
+        nkv = cfg.num_kv_groups
+        q_signal, q_noise = self._split_queries(q)
+        gs, gn = q_signal.shape[2] // nkv, q_noise.shape[2] // nkv  # signal / noise query heads per pair
+        q_noise = jnp.pad(q_noise.reshape(b, t, nkv, gn, hd), ((0, 0), (0, 0), (0, 0), (0, gs - gn), (0, 0)))
+        q_both = jnp.stack([q_signal.reshape(b, t, nkv, gs, hd), q_noise], axis=3)  # [B, T, nkv, 2, gs, D]
+        out = cached_attention(q_both, k, v, *args)  # [B, T, nkv, 2, gs, 2 D]
+        signal = out[:, :, :, 0].reshape(b, t, nkv * gs, 2 * hd)
+        noise = out[:, :, :, 1, :gn].reshape(b, t, nkv * gn, 2 * hd)
+        return self._differential(signal, noise, layer_index)
 
+    def _differential(self, signal, noise, layer_index):
+        """Grouped differential attention (recipe.md): out_h = SubLN(S_h - lambda N_g) (1 - lambda_init).
+
+        signal [B, T, ng r, 2 D], noise [B, T, ng, 2 D]: the signal and noise heads' attention over [V1 | V2].
+        Returns [B, T, ng r 2 D] in the compute dtype."""
+        cfg = self.cfg
+        b, t, n, dv = signal.shape
+        noise = jnp.repeat(noise.astype(jnp.float32), cfg.diff_ratio, axis=2)  # a noise head serves r signal heads
         lam_init = lambda_init(layer_index)
         lam = (
             jnp.exp(jnp.sum(self.lambda_q1[...] * self.lambda_k1[...]))
             - jnp.exp(jnp.sum(self.lambda_q2[...] * self.lambda_k2[...]))
             + lam_init
         )
-        out = self.subln(signal - lam * noise) * (1.0 - lam_init)  # SubLN statistics in fp32
-        return out.reshape(b, t, ng * r * 2 * hd).astype(q.dtype)
+        out = self.subln(signal.astype(jnp.float32) - lam * noise) * (1.0 - lam_init)  # SubLN statistics in fp32
+        return out.reshape(b, t, n * dv).astype(cfg.dtype)
 
 
 class MLP(nnx.Module):

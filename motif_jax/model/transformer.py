@@ -109,12 +109,17 @@ class Decoder(nnx.Module):
 
 
 def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-    """An empty cache: k, v [layers, B, max_len, kv_heads, head_dim]; segment_ids (0 = empty) and positions [B, S]."""
+    """An empty cache, head-major so decoding's dots read it in place: k [layers, B, kv_heads, max_len, head_dim];
+    v [layers, B, Hv, max_len, Dv], (Hv, Dv) = (kv_heads, head_dim), or for differential attention (key/value
+    pairs, 2 head_dim): each pair's [V1 | V2], which its signal and noise heads both weight; segment_ids (0 = empty)
+    and positions [B, S]."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    hv, dv = cfg.num_kv_heads, cfg.head_dim
+    if cfg.attention == "differential":
+        hv, dv = cfg.num_kv_groups, 2 * cfg.head_dim
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim), dtype),
+        "v": jnp.zeros((cfg.num_layers, batch, hv, max_len, dv), dtype),
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
         "positions": jnp.zeros((batch, max_len), jnp.int32),
     }
