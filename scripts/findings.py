@@ -1,6 +1,6 @@
 """The recipe's findings in miniature, each with several seeds: aligned traces, the difficulty band, reuse, RL vs SFT.
 
-    python scripts/findings.py                    # every finding, 3 seeds (~1 hour on a 2-core CPU)
+    python scripts/findings.py                    # every finding, 3 seeds (~1h45 on a 2-core CPU)
     python scripts/findings.py --smoke            # every arm end to end at toy sizes (a test runs it)
 
 The task (all generated, nothing downloaded): addition with aligned step-by-step traces. SFT data covers 1-4 digit
