@@ -47,17 +47,21 @@ FINDINGS = ("aligned_traces", "band", "reuse", "rl_vs_sft")
 class FindingsArgs:
     out_dir: str = "runs/findings"
     """Run directories of every arm and seed."""
-    seeds: int = 3
-    """Seeds per arm."""
+    seeds: int | None = None
+    """Seeds per arm (default: 3; 1 with --smoke)."""
     findings: tuple[str, ...] = FINDINGS
     """Which findings to run."""
     smoke: bool = False
-    """Toy sizes (one seed by default): every arm end to end in about a minute."""
+    """Toy sizes: every arm end to end in about a minute per seed."""
     docs: str = ""
     """The report (default: docs/findings.md; with --smoke: OUT_DIR/findings.md), its plots in img/ beside it."""
 
     def __post_init__(self) -> None:
-        require(self.seeds >= 1, "seeds", "must be >= 1")
+        require(self.seeds is None or self.seeds >= 1, "seeds", "must be >= 1")
+
+    @property
+    def num_seeds(self) -> int:
+        return self.seeds if self.seeds is not None else (1 if self.smoke else 3)
         bad = [f for f in self.findings if f not in FINDINGS]
         require(not bad, "findings", f"unknown {bad}; choose from {FINDINGS}")
 
@@ -282,7 +286,7 @@ def write_docs(path: Path, results: dict, args: FindingsArgs, wall_s: float, com
     lines = ["# The recipe's findings, in miniature", "",
              f"Produced by `{command}` on {datetime.date.today().isoformat()}, {platform.machine()} "
              f"{platform.processor() or 'CPU'} ({__import__('os').cpu_count()} cores), {wall_s / 60:.0f} min, "
-             f"{args.seeds} seed(s) per arm. Every number is held-out greedy exact-match accuracy (a fraction); "
+             f"{args.num_seeds} seed(s) per arm. Every number is held-out greedy exact-match accuracy (a fraction); "
              "`mean ± std [95% interval]` over seeds, the seeds' values after it. scripts/findings.py says how each "
              "arm is built.", ""]
     for name, summary in results.items():
@@ -307,7 +311,7 @@ def main() -> int:
     scale = SMOKE if args.smoke else FULL
     t0 = time.time()
     per_seed: dict[str, list[dict[str, float]]] = {f: [] for f in args.findings}
-    for seed in range(args.seeds):
+    for seed in range(args.num_seeds):
         seed_dir = out / f"seed{seed}"
         if "aligned_traces" in args.findings:
             per_seed["aligned_traces"].append(finding_aligned(seed_dir / "aligned_traces", scale, seed))

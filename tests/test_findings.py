@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_findings_smoke_runs_every_arm_and_writes_the_report(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/findings.py"), "--smoke", "--seeds", "1", "--out-dir",
+    # --smoke defaults to one seed
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/findings.py"), "--smoke", "--out-dir",
                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
