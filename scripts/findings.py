@@ -58,12 +58,12 @@ class FindingsArgs:
 
     def __post_init__(self) -> None:
         require(self.seeds is None or self.seeds >= 1, "seeds", "must be >= 1")
+        bad = [f for f in self.findings if f not in FINDINGS]
+        require(not bad, "findings", f"unknown {bad}; choose from {FINDINGS}")
 
     @property
     def num_seeds(self) -> int:
         return self.seeds if self.seeds is not None else (1 if self.smoke else 3)
-        bad = [f for f in self.findings if f not in FINDINGS]
-        require(not bad, "findings", f"unknown {bad}; choose from {FINDINGS}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -320,6 +320,12 @@ def test_loop_compiles_first_learns_logs_health_metrics_and_writes_summary(strai
     assert all(r["optimizer_steps"] == 4 for r in trained if r["train_groups"] == 4) and len(trained) >= 15
     assert summary["rounds"] == 20 and summary["version"] == len(trained)
     assert summary["optimizer_steps"] == sum(r["optimizer_steps"] for r in trained) == len(m["update"])
+    assert summary["status"] == "finished" and summary["skipped_steps"] == 0
+    # at most one generation call of 4 prompts x 8 per round: groups admitted past a round's quota of 2 are carried
+    # over, so some rounds need no generation at all
+    assert summary["rollouts_generated"] < 20 * 4 * 8
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert json.loads((run / "summary.json").read_text())["accuracy_after"] == summary["accuracy_after"]
     assert len(m["rollout"]) == 20 and len(m["eval"]) == 2
     assert summary["rollouts_generated"] == sum(r["rollouts_round"] for r in m["rollout"])
     assert sum(r["groups_carried_over"] for r in m["rollout"]) > 0
