@@ -1,5 +1,6 @@
 # `make demo` and `make test` set themselves up: they create .venv with a Python >= 3.12 found on
-# PATH or among pyenv's versions, install the project with its pinned ranges, then run.
+# PATH or among pyenv's versions, install the project with its pinned ranges, then run. uv (from PyPI, bootstrapped
+# with pip) installs: the same packages as pip in a fraction of the time (parallel downloads and unpacking).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,8 +19,8 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $$py"; \
 	  "$$py" -m venv $(VENV); \
 	fi; \
-	$(PY) -m pip install -q --upgrade pip; \
-	$(PY) -m pip install -q -e ".[test]"; \
+	$(PY) -m pip install -q uv; \
+	$(VENV)/bin/uv pip install --python $(PY) -q -e ".[test]"; \
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from kernels import BackendUnavailableError
+from motif_kernels import BackendUnavailableError
 from motif_jax.config import ConfigError
 from motif_jax.convert.mapping import ConversionError
 from motif_jax.data.chat_template import TemplateError

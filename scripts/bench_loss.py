@@ -1,4 +1,4 @@
-"""Speed and compiled memory of the fused LM-head loss (kernels.lm_head) against the naive XLA version.
+"""Speed and compiled memory of the fused LM-head loss (motif_kernels.lm_head) against the naive XLA version.
 
     python scripts/bench_loss.py                          # this platform's default shapes, every backend
     python scripts/bench_loss.py --shapes 8192,1024,32768,float32 --runs 5
@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import tyro  # noqa: E402
 
-from kernels import BackendUnavailableError, default_blocks, linear_cross_entropy, resolve_impl  # noqa: E402
+from motif_kernels import BackendUnavailableError, default_blocks, linear_cross_entropy, resolve_impl  # noqa: E402
 
 DEFAULT_SHAPES = {
     "cpu": ("2048,512,8192,float32", "8192,1024,32768,float32", "2048,1024,32768,bfloat16"),
@@ -54,7 +54,7 @@ class Args:
     mask_fraction: float = 0.9
     """Fraction of tokens with mask 1."""
     token_chunk: int | None = None
-    """xla tile sizes (default: kernels.default_blocks() for this platform)."""
+    """xla tile sizes (default: motif_kernels.default_blocks() for this platform)."""
     vocab_block: int | None = None
     device_memory_gb: float | None = None
     """Skip timing a configuration whose compiled temp memory exceeds this (default: 80% of host or device

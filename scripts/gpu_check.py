@@ -9,12 +9,12 @@ Sections (each timed with the compile excluded, median of ``--repeats`` runs aft
   bf16: log-probs, entropies and both gradients against xla, and fwd + bwd time against the 8 T D V bound;
 - ``attention``: cuDNN against blockwise at T = 8K and 32K (the 12.7B signal pathway: 32 query heads over 8
   key/value heads, head 128, value 256), single and packed rows: value, gradients, time; plus a probe of the one
-  packed cuDNN call with the wide value head that the code does not use yet (kernels/attention_cudnn.py);
+  packed cuDNN call with the wide value head that the code does not use yet (motif_kernels/attention_cudnn.py);
 - ``mfu``: the train step of a ~1B Motif-style model at 8K tokens: step time and model FLOPs utilisation;
 - ``memory``: XLA:GPU's compiled memory of the 12.7B layer stack at 64K on one device (recommended remat,
   cuDNN), from 1 and 2 layers extrapolated to 40 (the planner's --layers method);
 - ``tiles``: a forward-only sweep of the kernels' tile table at T = 4,096 and 65,536 (what
-  ``kernels/lm_head_tiles.TILE_TABLE`` should say), last, while the budget lasts.
+  ``motif_kernels/lm_head_tiles.TILE_TABLE`` should say), last, while the budget lasts.
 
 ``--build-only`` needs no GPU: versions, the Triton kernel lowered and compiled to PTX for sm_90 by jax-triton,
 that PTX assembled by the ptxas the jax CUDA plugin ships (registers, spills), the Pallas kernel lowered to a
@@ -116,8 +116,8 @@ def check_loss(args: CheckArgs) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from kernels import linear_log_probs
-    from kernels.lm_head_triton import unavailable_reason
+    from motif_kernels import linear_log_probs
+    from motif_kernels.lm_head_triton import unavailable_reason
 
     t, d, v = (max(256, int(n * args.scale)) // 128 * 128 for n in (T_LOSS, D_LOSS, V_LOSS))
     ks = jax.random.split(jax.random.key(0), 5)
@@ -177,7 +177,7 @@ def check_attention(args: CheckArgs) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from kernels import attention_cudnn
+    from motif_kernels import attention_cudnn
     from motif_jax.model.attention import attend
 
     out: dict[str, Any] = {}
@@ -237,12 +237,12 @@ def check_attention(args: CheckArgs) -> dict:
 
 def check_tiles(args: CheckArgs) -> dict:
     """Forward-only sweep of the kernels' tile table at T = 4,096 (where the vocabulary split matters) and 65,536:
-    the fastest configuration per kernel and size is what kernels/lm_head_tiles.TILE_TABLE should say."""
+    the fastest configuration per kernel and size is what motif_kernels/lm_head_tiles.TILE_TABLE should say."""
     import jax
     import jax.numpy as jnp
 
-    from kernels import lm_head_pallas, lm_head_triton
-    from kernels.lm_head_tiles import KernelTiles, choose_tiles
+    from motif_kernels import lm_head_pallas, lm_head_triton
+    from motif_kernels.lm_head_tiles import KernelTiles, choose_tiles
 
     d, v = (max(256, int(n * args.scale)) // 128 * 128 for n in (D_LOSS, V_LOSS))
     out: dict[str, Any] = {}
@@ -391,9 +391,9 @@ def build_checks() -> dict:
     import jax
     import jax.numpy as jnp
 
-    from kernels import linear_log_probs, lowering
-    from kernels import lm_head_triton
-    from kernels.target import lowering_target
+    from motif_kernels import linear_log_probs, lowering
+    from motif_kernels import lm_head_triton
+    from motif_kernels.target import lowering_target
 
     out: dict[str, Any] = {"versions": _versions()}
     x = jnp.zeros((4096, 4096), jnp.bfloat16)
@@ -467,8 +467,8 @@ def build_checks() -> dict:
 def _lower_tiny_step() -> dict:
     import jax
 
-    from kernels import lowering
-    from kernels.target import lowering_target
+    from motif_kernels import lowering
+    from motif_kernels.target import lowering_target
     from motif_jax.config import MeshConfig, ModelConfig, load_yaml
     from motif_jax.parallel.mesh import make_mesh
     from motif_jax.train.config import OptimConfig, StepConfig

@@ -138,7 +138,7 @@ class PlanArgs:
         require(self.num_slices == 1 or bool(self.topology), "num-slices", "needs --topology")
         require(not self.gpu or bool(self.lower_for), "gpu", "names the GPU of --lower-for cuda; add that flag")
         if self.gpu:
-            from kernels.target import Target
+            from motif_kernels.target import Target
 
             require(Target("gpu", self.gpu, explicit=True).compute_capability is not None, "gpu",
                     f"unknown GPU {self.gpu!r}; give its device kind as JAX reports it, e.g. 'NVIDIA H100 80GB HBM3', "
@@ -231,7 +231,7 @@ def compiled_impls(args: PlanArgs, platform: str) -> tuple[str, str]:
     """The kernels the program compiled for ``platform`` uses: the requested ones where they exist there, else
     their portable stand-ins (blockwise attention, xla loss), so XLA:CPU never compiles an interpret-mode kernel."""
     attention, loss = requested_impls(args)
-    loss = "xla" if loss == "auto" else loss  # kernels.resolve_impl: xla on every platform for now
+    loss = "xla" if loss == "auto" else loss  # motif_kernels.resolve_impl: xla on every platform for now
     if platform == "cpu":
         attention = "blockwise" if attention in ("cudnn", "splash", "auto") else attention
         loss = "xla" if loss in ("pallas", "triton") else loss
@@ -316,7 +316,7 @@ class _Setup:
     def _lower_log_probs(self, make_logprob_fn):
         import jax
 
-        from kernels import target as target_lib
+        from motif_kernels import target as target_lib
         from motif_jax.parallel import mesh as mesh_lib
         from motif_jax.train.step import abstract_batch, batch_shardings
 
@@ -386,8 +386,8 @@ def quadratic_tensors(tensors, seq_len: int, context: int, vocab: int, tensor: i
 
 def lowering_report(args: PlanArgs, devices: list[Any]) -> dict:
     """Lowers the train step, RL update and RL log-probs for ``args.lower_for``; what their StableHLO contains."""
-    from kernels import lowering
-    from kernels import target as target_lib
+    from motif_kernels import lowering
+    from motif_kernels import target as target_lib
 
     attention, loss_impl = requested_impls(args)
     dtype = args.dtype or _base_model_cfg(args).dtype

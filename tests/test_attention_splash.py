@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention_splash
+from motif_kernels import attention_splash
 from motif_jax.config import MeshConfig, ModelConfig
 from motif_jax.model import attention as attn_lib
 from motif_jax.model.attention import AttentionBackendError, attend
@@ -23,7 +23,7 @@ from motif_jax.model.context_attention import context_parallel_attention
 from motif_jax.model.transformer import create_model
 from motif_jax.parallel.context import inverse_permutation, load_balance_permutation
 from motif_jax.parallel.mesh import make_mesh
-from kernels.target import lowering_target
+from motif_kernels.target import lowering_target
 
 T = 32
 

@@ -1,4 +1,4 @@
-"""kernels.lm_head against the naive jax.nn.log_softmax(x @ w): values and gradients, both backends that
+"""motif_kernels.lm_head against the naive jax.nn.log_softmax(x @ w): values and gradients, both backends that
 run on CPU (xla, and pallas in interpret mode on tiny shapes)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import (
+from motif_kernels import (
     BackendUnavailableError,
     linear_cross_entropy,
     linear_cross_entropy_sums,

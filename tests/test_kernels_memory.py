@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import linear_cross_entropy
+from motif_kernels import linear_cross_entropy
 
 T, D, V = 65_536, 4_096, 219_520
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import linear_cross_entropy, linear_log_probs, sharded_linear_log_probs
+from motif_kernels import linear_cross_entropy, linear_log_probs, sharded_linear_log_probs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import linear_cross_entropy, linear_log_probs
-from kernels import lm_head_triton
-from kernels.lm_head_tiles import KernelTiles, choose_tiles, merge_splits
+from motif_kernels import linear_cross_entropy, linear_log_probs
+from motif_kernels import lm_head_triton
+from motif_kernels.lm_head_tiles import KernelTiles, choose_tiles, merge_splits
 from tests.test_kernels_lm_head import make_inputs, naive_ce, naive_log_probs, objective, rel_err
 
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import BackendUnavailableError, linear_log_probs, resolve_impl
-from kernels import lm_head_triton
+from motif_kernels import BackendUnavailableError, linear_log_probs, resolve_impl
+from motif_kernels import lm_head_triton
 
 
 def _inputs():
@@ -32,7 +32,7 @@ def test_triton_raises_backend_unavailable_without_gpu():
 
 
 def test_jax_triton_0_4_1_with_jax_0_12_is_usable_through_the_shim_and_breakage_is_reported(monkeypatch):
-    """jax-triton 0.4.1's two-argument DCE rule is adapted (kernels.lm_head_triton.adapt_dce_rule), so that
+    """jax-triton 0.4.1's two-argument DCE rule is adapted (motif_kernels.lm_head_triton.adapt_dce_rule), so that
     pairing is no longer refused; a pairing listed as incompatible is reported before any tracing."""
     monkeypatch.setattr(lm_head_triton, "_backend", lambda: "gpu")
     versions = {"jax-triton": "0.4.1", "jax": "0.12.0.1"}

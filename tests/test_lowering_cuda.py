@@ -1,4 +1,4 @@
-"""The GPU program, proven from this CPU: lowering for CUDA (``kernels.target.lowering_target("cuda")`` +
+"""The GPU program, proven from this CPU: lowering for CUDA (``motif_kernels.target.lowering_target("cuda")`` +
 ``lowering_platforms=("cuda",)``) with no GPU and no jax CUDA plugin installed.
 
 What is asserted is the program an H100 would receive: cuDNN fMHA custom calls with a causal mask type and no
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels import linear_log_probs, lowering, resolve_impl
-from kernels import lm_head as lm_head_lib
-from kernels.attention_cudnn import layout
-from kernels.target import current_target, lowering_target
+from motif_kernels import linear_log_probs, lowering, resolve_impl
+from motif_kernels import lm_head as lm_head_lib
+from motif_kernels.attention_cudnn import layout
+from motif_kernels.target import current_target, lowering_target
 from motif_jax.config import MeshConfig, ModelConfig, load_yaml
 from motif_jax.model.attention import AttentionBackendError, attend, resolve_impl as attention_impl
 from motif_jax.model.layers import Attention
@@ -153,7 +153,7 @@ def test_backend_choices_follow_the_target_not_the_host():
         assert lm_head_lib.default_blocks() == (4096, 8192)
     with lowering_target("tpu"):
         assert attention_impl("auto", jnp.bfloat16) == "splash"
-        from kernels import BackendUnavailableError
+        from motif_kernels import BackendUnavailableError
 
         with pytest.raises(BackendUnavailableError, match="lowered for 'tpu'"):
             resolve_impl("pallas")

@@ -159,7 +159,7 @@ def test_two_processes_form_one_mesh_and_match_single_process(tmp_path):
 
     def launch(pid, nproc, devices):
         env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"}
         env.pop("SLURM_NTASKS", None)
         return subprocess.Popen(
             [sys.executable, str(script), str(pid), str(port), str(tmp_path / f"out{nproc}_{pid}.json"), str(nproc)],

@@ -276,23 +276,6 @@ VERIFIERS = {"digits": DigitVerifier()}
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache, so the module's trainers compile their programs once."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, -1)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, compile_cache):
     import contextlib
     import io

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_sft import _free_port, compile_cache, subprocess_env  # noqa: F401  (compile_cache is a fixture)
+from test_sft import _free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def _records(run_dir: Path, split: str) -> list[dict]:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_run_rl_like_one_process(tmp_path, compile_cache):  # noqa: F811
+def test_two_processes_run_rl_like_one_process(tmp_path, compile_cache):
     two, one = tmp_path / "two", tmp_path / "one"
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(_recipe(two)))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(_recipe(one)))

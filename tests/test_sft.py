@@ -87,26 +87,6 @@ def final_state(run_dir: Path) -> dict:
     return jax.tree.map(np.asarray, restored["train"])
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's runs (in process and in subprocesses)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    cache = tmp_path_factory.mktemp("xla_cache")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(cache), 0.0, -1)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-    yield env
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 def subprocess_env(cache_env: dict, devices: int) -> dict:
     """Environment of a run in a subprocess: ``devices`` CPU devices, the shared compilation cache, and LLVM
     optimisation level 0 (halves the compile time on a small CPU; every subprocess run uses the same flags, so

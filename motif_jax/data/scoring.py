@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import linear_log_probs
+from motif_kernels import linear_log_probs
 from motif_jax.data.answers import answer_check, answer_correct
 from motif_jax.data.synthetic import extract_answer
 from motif_jax.data.template import apply_template

@@ -6,10 +6,10 @@ key iff both lie in the same segment and the key's position is not later than th
 a KV cache and permuted (load-balanced) context-parallel layouts with one rule. Segment id 0 marks padding: it only
 ever matches other padding, so no real token sees it.
 
-``cudnn`` (CUDA) and ``splash`` (TPU) mask by token index (causal) and segment: they are used for rows in natural
-order (``kernels.attention_layout``) and fall back to ``blockwise`` at run time otherwise, so every backend computes
-the same function. Which kernel ``auto`` means, and whether a kernel can run, follows the lowering target
-(``kernels.target``), never the host's default backend.
+``cudnn`` (CUDA) and ``splash`` (TPU) mask by token index (causal) and segment: they are used for rows in
+natural order (``motif_kernels.attention_layout``) and fall back to ``blockwise`` at run time otherwise, so every
+backend computes the same function. Which kernel ``auto`` means, and whether a kernel can run, follows the lowering
+target (``motif_kernels.target``), never the host's default backend.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 
 from jax.sharding import PartitionSpec as P
 
-from kernels import attention_cudnn, attention_splash
-from kernels import target as target_lib
-from kernels.attention_layout import natural_runs
+from motif_kernels import attention_cudnn, attention_splash
+from motif_kernels import target as target_lib
+from motif_kernels.attention_layout import natural_runs
 from motif_jax.config import DEFAULT_LOGICAL_RULES
 from motif_jax.parallel import rules as rules_lib
 
@@ -260,9 +260,10 @@ def _same_rows(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None,
                     block_q=512, block_kv=512, max_segments=attention_cudnn.MAX_SEGMENTS):
-    """cuDNN flash attention (``kernels.attention_cudnn``) for a CUDA target; same contract as :func:`xla_attention`.
+    """cuDNN flash attention (``motif_kernels.attention_cudnn``) for a CUDA target; same contract as
+    :func:`xla_attention`.
 
-    Self-attention rows in natural order (``kernels.attention_layout``: what packing produces) take cuDNN's causal
+    Self-attention rows in natural order (``motif_kernels.attention_layout``: what packing produces) take cuDNN's causal
     mask, per-row lengths or its ragged packed layout (at most ``max_segments`` runs a row): no [T, S] mask or bias
     exists and the masked half of the causal square is skipped. Any other layout (permuted rows, more runs) takes
     the blockwise kernel, chosen at run time, so the result is always exact. Queries and keys of different lengths
@@ -293,7 +294,7 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_posi
 
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, scale=None,
                      block_q=512, block_kv=512):
-    """Splash attention (``kernels.attention_splash``) for a TPU target (interpreted on CPU); same contract as
+    """Splash attention (``motif_kernels.attention_splash``) for a TPU target (interpreted on CPU); same contract as
     :func:`xla_attention`. Natural-order self-attention rows take the causal, segment-aware splash kernel; any other
     layout (or a KV cache) takes the blockwise kernel, so the result is always exact."""
     reason = attention_splash.unsupported_reason(q.shape, k.shape)
@@ -343,8 +344,8 @@ IMPLS = ("xla", "blockwise", "cudnn", "splash", "auto")
 
 
 def resolve_impl(impl: str, dtype) -> str:
-    """``auto`` -> the kernel for the lowering target (``kernels.target``): cudnn on a CUDA GPU (bf16/fp16 inputs),
-    splash on TPU, blockwise elsewhere; other names are returned unchanged."""
+    """``auto`` -> the kernel for the lowering target (``motif_kernels.target``): cudnn on a CUDA GPU (bf16/fp16
+    inputs), splash on TPU, blockwise elsewhere; other names are returned unchanged."""
     if impl != "auto":
         return impl
     platform = target_lib.current_target().platform

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from kernels.attention_layout import natural_runs
+from motif_kernels.attention_layout import natural_runs
 from motif_jax.config import DEFAULT_LOGICAL_RULES
 from motif_jax.model import attention as attn_lib
 from motif_jax.parallel import rules as rules_lib

@@ -1,5 +1,5 @@
 """Hidden states -> LM head, the one path every consumer of token log-probs takes (SFT loss, RL objective, trace
-scoring): the fused kernel of ``kernels.lm_head`` (no [tokens, vocab] logits), vocab-parallel under a mesh.
+scoring): the fused kernel of ``motif_kernels.lm_head`` (no [tokens, vocab] logits), vocab-parallel under a mesh.
 
 Under an active mesh (``jax.set_mesh`` / ``parallel.mesh.activate``) whose ``vocab`` rule maps to a mesh axis, the
 kernel splits the output projection over that axis and the tokens over the ``batch`` and ``length`` rules' axes
@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping
 import jax
 import jax.numpy as jnp
 
-from kernels import linear_cross_entropy_sums, linear_log_probs, sharded_linear_log_probs
+from motif_kernels import linear_cross_entropy_sums, linear_log_probs, sharded_linear_log_probs
 from motif_jax.config import DEFAULT_LOGICAL_RULES
 from motif_jax.parallel.rules import active_rules, logical_to_spec
 

@@ -1,7 +1,7 @@
 """The decoder: embedding, a scanned stack of layers, final norm; the output projection exposed separately.
 
 ``Decoder.__call__`` returns final hidden states, not logits: training feeds them with ``output_projection()`` to
-the fused LM-head loss in ``kernels/`` so the [tokens, vocab] logits are never held. ``logits()`` is for
+the fused LM-head loss in ``motif_kernels/`` so the [tokens, vocab] logits are never held. ``logits()`` is for
 generation, where only the last position is projected.
 """
 

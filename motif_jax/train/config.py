@@ -98,7 +98,8 @@ class StepConfig:
     num_microbatches: int = 1
     """Micro-batches per optimizer step (gradient accumulation); must divide the step's batch."""
     loss: LossName = "fused"
-    """LM head: fused (kernels.lm_head, never [tokens, vocab] logits) or naive (materialised logits, a baseline)."""
+    """LM head: fused (motif_kernels.lm_head, never [tokens, vocab] logits) or naive (materialised logits, a
+    baseline)."""
     loss_impl: LossImpl = "auto"
     """Backend of the fused LM-head kernel."""
     z_loss: float = 0.0

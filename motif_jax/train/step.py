@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from kernels import target as target_lib
+from motif_kernels import target as target_lib
 from motif_jax.config import MeshConfig
 from motif_jax.data.pipeline import BATCH_KEYS
 from motif_jax.model.lm_head import cross_entropy_sums
@@ -298,9 +298,9 @@ def lower_train_step(
 ) -> jax.stages.Lowered:
     """The train step of :func:`compile_train_step`, lowered but not compiled.
 
-    Lowered for the target of ``kernels.target.current_target()``: under an explicit
-    ``kernels.target.lowering_target("cuda")`` the StableHLO is CUDA's (cuDNN and Triton custom calls; the mesh may
-    be of simulated CPU devices), which this host can inspect but not compile. Otherwise it is lowered for the
+    Lowered for the target of ``motif_kernels.target.current_target()``: under an explicit
+    ``motif_kernels.target.lowering_target("cuda")`` the StableHLO is CUDA's (cuDNN and Triton custom calls; the mesh
+    may be of simulated CPU devices), which this host can inspect but not compile. Otherwise it is lowered for the
     mesh's own devices (CPU, or compile-only TPU devices from a topology).
     """
     mesh_cfg = mesh_cfg or MeshConfig()

@@ -1,11 +1,11 @@
 """Kernels used by motif_jax; imports jax only (never motif_jax).
 
-The LM-head loss (``kernels.lm_head``: xla, pallas, triton backends), the attention kernels the model dispatches
+The LM-head loss (``motif_kernels.lm_head``: xla, pallas, triton backends), the attention kernels the model dispatches
 to (``attention_cudnn``, ``attention_splash``), the lowering target every backend choice follows
-(``kernels.target``) and what a lowered program contains (``kernels.lowering``).
+(``motif_kernels.target``) and what a lowered program contains (``motif_kernels.lowering``).
 """
 
-from kernels.lm_head import (
+from motif_kernels.lm_head import (
     IMPLS,
     BackendUnavailableError,
     default_blocks,
@@ -15,8 +15,8 @@ from kernels.lm_head import (
     resolve_impl,
     sharded_linear_log_probs,
 )
-from kernels.lm_head_tiles import KernelTiles
-from kernels.target import Target, current_target, lowering_target
+from motif_kernels.lm_head_tiles import KernelTiles
+from motif_kernels.target import Target, current_target, lowering_target
 
 __all__ = [
     "IMPLS",

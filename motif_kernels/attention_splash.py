@@ -3,7 +3,7 @@
 Splash attention skips the blocks its (static) mask says are empty, so a causal mask costs half the FLOPs of a
 dense one, and takes packed segments as ``SegmentIds``. It masks by token index, which equals the model's rule
 (same segment and ``position[i] >= position[j]``) exactly when the row is in natural order
-(``kernels.attention_layout``); the caller checks that and uses the blockwise kernel otherwise.
+(``motif_kernels.attention_layout``); the caller checks that and uses the blockwise kernel otherwise.
 
 GQA: one MQA kernel (``G`` query heads sharing a key/value head) is vmapped over batch rows and key/value heads.
 A value head wider than the key head (differential attention's ``[V1|V2]``) is passed as is. On a CPU target the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import target as target_lib
+from motif_kernels import target as target_lib
 
 __all__ = ["attention", "block_size", "unsupported_reason"]
 

@@ -13,7 +13,7 @@ Backends (``impl``):
   auto    xla everywhere until a GPU measurement shows a kernel beats it (see docs/kernels.md).
 
 Every choice (backend, tiles, interpret mode) follows the platform the program is lowered for
-(``kernels.target.current_target``), not the host's default backend, so lowering for CUDA or TPU from a CPU
+(``motif_kernels.target.current_target``), not the host's default backend, so lowering for CUDA or TPU from a CPU
 host gives the program that platform runs.
 
 This module imports jax only (never motif_jax).
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kernels import target as target_lib
-from kernels.lm_head_tiles import KernelTiles, choose_tiles
+from motif_kernels import target as target_lib
+from motif_kernels.lm_head_tiles import KernelTiles, choose_tiles
 
 __all__ = [
     "BackendUnavailableError",
@@ -73,7 +73,7 @@ class _Plan:
     impl: str  # resolved backend of the forward: "xla" | "pallas" | "triton"
     token_chunk: int  # xla tiles (forward for xla, backward for every impl)
     vocab_block: int
-    kernel_tiles: KernelTiles  # tiles of the pallas/triton forward (kernels.lm_head_tiles)
+    kernel_tiles: KernelTiles  # tiles of the pallas/triton forward (motif_kernels.lm_head_tiles)
     valid_vocab: int | None  # global count of real vocab columns; None: every column is real
     with_entropy: bool
     interpret: bool  # pallas interpret mode (CPU)
@@ -108,7 +108,7 @@ def resolve_impl(impl: str = "auto") -> str:
             f"{platform!r}, where this kernel has no Mosaic lowering. Use impl='xla' (or 'auto')."
         )
     if impl == "triton":
-        from kernels import lm_head_triton
+        from motif_kernels import lm_head_triton
 
         reason = lm_head_triton.unavailable_reason()
         if reason is not None:
@@ -327,12 +327,12 @@ def _xla_bwd(x, w, y, valid, lse, c0, cb, g_lp, plan: _Plan, dx_dtype):
 def _local_stats(x, w, y, valid, plan: _Plan):
     """(m, l, s, t) over this w's columns with the forward backend of the plan."""
     if plan.impl == "pallas":
-        from kernels import lm_head_pallas
+        from motif_kernels import lm_head_pallas
 
         return lm_head_pallas.stats(x, w, y, valid, tiles=plan.kernel_tiles, interpret=plan.interpret,
                                     with_entropy=plan.with_entropy)
     if plan.impl == "triton":
-        from kernels import lm_head_triton
+        from motif_kernels import lm_head_triton
 
         return lm_head_triton.stats(x, w, y, valid, tiles=plan.kernel_tiles, with_entropy=plan.with_entropy)
     return _xla_stats(x, w, y, valid, plan)
@@ -476,7 +476,7 @@ def linear_log_probs(
       with_entropy: also return the entropy H = lse - E[z] of each token's distribution.
       impl: "auto" | "xla" | "pallas" | "triton" (see the module docstring).
       token_chunk, vocab_block: tile sizes (None: per-platform defaults). For pallas/triton they are the
-        kernel's token and vocab tiles (powers of two on GPU), the rest from ``kernels.lm_head_tiles``.
+        kernel's token and vocab tiles (powers of two on GPU), the rest from ``motif_kernels.lm_head_tiles``.
       kernel_tiles: the pallas/triton kernel's whole tile configuration (overrides the table and the two
         sizes above; vocab slices included).
       valid_vocab: columns >= valid_vocab of w are padding (vocab padded for sharding) and get probability 0.

@@ -1,7 +1,7 @@
 """cuDNN flash attention through XLA's cuDNN fMHA custom call: causal and packed, without a dense mask.
 
 The model's rule (query i sees key j iff same segment and ``position[i] >= position[j]``) is what cuDNN computes
-with its *causal* mask when the row is in natural order (``kernels.attention_layout``: each segment a contiguous
+with its *causal* mask when the row is in natural order (``motif_kernels.attention_layout``: each segment a contiguous
 run whose positions count 0, 1, 2, ..., what packing produces). :func:`layout` checks that at run time and
 describes the runs; the caller (``motif_jax.model.attention``) uses this kernel only when the check holds and the
 exact blockwise kernel otherwise, so no layout is ever computed wrongly. Three calls are possible:
@@ -19,7 +19,7 @@ exact blockwise kernel otherwise, so no layout is ever computed wrongly. Three c
 The custom calls are bound directly (JAX's private ``fused_attention_stablehlo`` primitives, pinned by
 ``jax<0.13``), not through ``jax.nn.dot_product_attention``: the public path checks cuDNN's version and the
 device's compute capability on the *host*, so it cannot be lowered for an H100 from a CPU machine. The checks
-that matter are done here against the lowering target (``kernels.target``). Memory: operands and results are
+that matter are done here against the lowering target (``motif_kernels.target``). Memory: operands and results are
 O(T) per head (the softmax statistics are [B * runs, heads, T] f32); nothing is O(T^2).
 This module imports jax only.
 """
@@ -32,8 +32,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import target as target_lib
-from kernels.attention_layout import natural_runs
+from motif_kernels import target as target_lib
+from motif_kernels.attention_layout import natural_runs
 
 __all__ = ["MAX_SEGMENTS", "Layout", "attention", "bias_attention", "layout", "unsupported_reason"]
 
@@ -60,8 +60,8 @@ class Layout(NamedTuple):
 
 
 def layout(segment_ids: jax.Array, positions: jax.Array, max_segments: int = MAX_SEGMENTS) -> Layout:
-    """[B, T] (segment ids, positions) -> :class:`Layout`: natural order (``kernels.attention_layout``) with at most
-    ``max_segments`` runs a row (padding runs count), and the runs' lengths and starts for the packed call."""
+    """[B, T] (segment ids, positions) -> :class:`Layout`: natural order (``motif_kernels.attention_layout``) with at
+    most ``max_segments`` runs a row (padding runs count), and the runs' lengths and starts for the packed call."""
     runs = natural_runs(segment_ids, positions)
     t = segment_ids.shape[1]
     natural = runs.natural & jnp.all(runs.n_runs <= max_segments)

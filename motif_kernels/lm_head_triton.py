@@ -1,6 +1,6 @@
 """Triton forward kernel of the LM-head loss through jax-triton (CUDA/ROCm GPUs only).
 
-Same contract as `kernels.lm_head_pallas.stats`: per-token (m, l, s, t) over w's columns; the backward is
+Same contract as `motif_kernels.lm_head_pallas.stats`: per-token (m, l, s, t) over w's columns; the backward is
 the shared xla one. jax-triton is an optional GPU extra (``pip install 'motif-jax[gpu]'``) and is imported
 lazily: this module imports on any machine. `unavailable_reason` says why the kernel cannot run here.
 
@@ -20,8 +20,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import target as target_lib
-from kernels.lm_head_tiles import KernelTiles, merge_splits, split_bounds
+from motif_kernels import target as target_lib
+from motif_kernels.lm_head_tiles import KernelTiles, merge_splits, split_bounds
 
 _MASK_VALUE = -1e30
 
@@ -43,7 +43,7 @@ def _installed_version(dist: str) -> str | None:
 
 
 def _backend() -> str:
-    """The platform the program is lowered for (kernels.target), not the host's default backend."""
+    """The platform the program is lowered for (motif_kernels.target), not the host's default backend."""
     return target_lib.current_target().platform
 
 

@@ -1,10 +1,10 @@
-"""Pallas forward kernel of the LM-head loss (see kernels/lm_head.py for the API and the math).
+"""Pallas forward kernel of the LM-head loss (see motif_kernels/lm_head.py for the API and the math).
 
 The grid is (token blocks of ``bt``, vocab slices): each program loops over the vocab blocks of ``bv`` columns
 of its slice; each logit tile [bt, bv] is built by a loop over depth blocks of ``bk`` (f32 accumulation) and
 folded at once into the running (max, sum exp, entropy sum, target logit): the logits never leave the kernel.
 Outputs are per-slice partial statistics (m, l, s, t), merged like vocab shards, so finalisation, vocab
-sharding and the (xla) backward are shared with the xla path. Tiles come from ``kernels.lm_head_tiles``.
+sharding and the (xla) backward are shared with the xla path. Tiles come from ``motif_kernels.lm_head_tiles``.
 
 On CPU it runs in interpret mode (a scan over the grid, ~1 ms a step: tiny shapes only). On GPU it lowers
 through Pallas's Triton lowering (deprecated since JAX 0.11, still the lowering of a plain pallas_call in
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.lm_head_tiles import KernelTiles, merge_splits
+from motif_kernels.lm_head_tiles import KernelTiles, merge_splits
 
 _MASK_VALUE = -1e30
 _F32 = jnp.float32
