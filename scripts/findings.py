@@ -305,9 +305,10 @@ def main() -> int:
     import jax
 
     out = Path(args.out_dir)
-    jax.config.update("jax_compilation_cache_dir", str(out / "xla_cache"))  # the seeds' runs share programs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
+    if not jax.config.jax_compilation_cache_dir:  # the seeds' and arms' runs share programs (a set cache is kept)
+        jax.config.update("jax_compilation_cache_dir", str(out / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        cc.reset_cache()
     scale = SMOKE if args.smoke else FULL
     t0 = time.time()
     per_seed: dict[str, list[dict[str, float]]] = {f: [] for f in args.findings}

@@ -1,7 +1,8 @@
 """Every test process sees 8 simulated CPU devices (set before anything imports jax).
 
 Single-device tests are unaffected: arrays live on the default device unless a test builds a mesh. Multi-process
-tests start their own interpreters with their own flags. Everything compiles at XLA:CPU optimisation level 0 (below).
+tests start their own interpreters with their own flags. Everything compiles at XLA:CPU optimisation level 0 and
+shares one persistent compilation cache (both below).
 """
 
 import os
@@ -23,23 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
+# One persistent compilation cache for the whole run: the controlling pytest process picks the directory, xdist
+# workers and every subprocess (scripts, two-process runs) inherit it through the environment, so the tests and
+# scripts that build the same program (the tiny SFT and RL recipes run by many modules) compile it once. A hit
+# loads the executable XLA compiled for the same HLO, flags and devices, so results do not change.
+_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile  # noqa: E402
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for a module's runs, so runs of the same program compile it once: set in this
-    process; the returned environment variables give it to subprocesses."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
+    _OWN_CACHE = tempfile.mkdtemp(prefix="motif_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.update(_CACHE_ENV)
 
-    cache = tmp_path_factory.mktemp("xla_cache")
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(cache), 0.0, -1)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    yield {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it (not an xdist worker)
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def compile_cache() -> dict:
+    """The environment variables of the run's compilation cache, for a subprocess given an environment of its own."""
+    return {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", *_CACHE_ENV) if k in os.environ}
