@@ -21,9 +21,6 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-import pytest  # noqa: E402
-
 # One persistent compilation cache for the whole run: the controlling pytest process picks the directory, xdist
 # workers and every subprocess (scripts, two-process runs) inherit it through the environment, so the tests and
 # scripts that build the same program (the tiny SFT and RL recipes run by many modules) compile it once. A hit
@@ -43,9 +40,3 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def compile_cache() -> dict:
-    """The environment variables of the run's compilation cache, for a subprocess given an environment of its own."""
-    return {k: os.environ[k] for k in ("JAX_COMPILATION_CACHE_DIR", *_CACHE_ENV) if k in os.environ}

@@ -276,7 +276,7 @@ VERIFIERS = {"digits": DigitVerifier()}
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, compile_cache):
+def straight_run(tmp_path_factory):
     import contextlib
     import io
 

@@ -40,7 +40,7 @@ def _records(run_dir: Path, split: str) -> list[dict]:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_run_rl_like_one_process(tmp_path, compile_cache):
+def test_two_processes_run_rl_like_one_process(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(_recipe(two)))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(_recipe(one)))
@@ -48,7 +48,7 @@ def test_two_processes_run_rl_like_one_process(tmp_path, compile_cache):
     script = str(ROOT / "scripts/rl.py")
 
     def start(args, devices):
-        return subprocess.Popen([sys.executable, script, *args], env=subprocess_env(compile_cache, devices), cwd=ROOT,
+        return subprocess.Popen([sys.executable, script, *args], env=subprocess_env(devices), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = [start(["--config", str(tmp_path / "two.yaml"), "--distributed.coordinator-address", f"127.0.0.1:{port}",

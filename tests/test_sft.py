@@ -87,12 +87,11 @@ def final_state(run_dir: Path) -> dict:
     return jax.tree.map(np.asarray, restored["train"])
 
 
-def subprocess_env(cache_env: dict, devices: int) -> dict:
-    """Environment of a run in a subprocess: ``devices`` CPU devices, the shared compilation cache, and LLVM
-    optimisation level 0 (halves the compile time on a small CPU; every subprocess run uses the same flags, so
-    runs that are compared execute the same code)."""
+def subprocess_env(devices: int) -> dict:
+    """Environment of a run in a subprocess: ``devices`` CPU devices, the run's compilation cache (inherited, see
+    conftest.py), and LLVM optimisation level 0 (every subprocess run uses the same flags, so runs that are compared
+    execute the same code)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(cache_env)
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -115,7 +114,7 @@ def eight_devices():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_resume_is_bit_exact(tmp_path, compile_cache, eight_devices, capsys):
+def test_resume_is_bit_exact(tmp_path, eight_devices, capsys):
     n = 3  # stop at 3 (not a save_every multiple: the stop itself saves), total 6
     full = run_sft(make_cfg(tmp_path / "full", 2 * n))
     assert full["status"] == "finished" and full["steps"] == 2 * n
@@ -167,13 +166,13 @@ def _checkpoint_dirs(ckpt: Path) -> tuple[list[int], list[str]]:
     return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if TMP_MARK in n)
 
 
-def test_sigkill_during_async_save_restarts_from_last_complete_checkpoint(tmp_path, compile_cache):
+def test_sigkill_during_async_save_restarts_from_last_complete_checkpoint(tmp_path):
     total = SUBPROCESS_STEPS
     run_dir = tmp_path / "run"
     cfg = write_recipe(tmp_path / "recipe.yaml",
                        recipe(run_dir, total, checkpoint={"save_every": 1, "keep": 3, "async_save": True}))
     cmd = [sys.executable, str(ROOT / "scripts/sft.py"), "--config", str(cfg)]
-    env = subprocess_env(compile_cache, 8)
+    env = subprocess_env(8)
     ckpt = run_dir / "checkpoints"
     log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would block the run
     with open(log, "w") as f:
@@ -312,7 +311,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_log_like_one_process(tmp_path, compile_cache):
+def test_two_processes_log_like_one_process(tmp_path):
     steps, stop = SUBPROCESS_STEPS, SUBPROCESS_STEPS // 2
     run_dir, single_dir = tmp_path / "two", tmp_path / "single"
     cfg = write_recipe(tmp_path / "recipe.yaml", recipe(run_dir, steps))
@@ -320,7 +319,7 @@ def test_two_processes_log_like_one_process(tmp_path, compile_cache):
     launcher.write_text(LAUNCHER)
 
     def start(args: list[str], devices: int, **env_extra) -> subprocess.Popen:
-        env = {**subprocess_env(compile_cache, devices), **env_extra}
+        env = {**subprocess_env(devices), **env_extra}
         return subprocess.Popen([sys.executable, str(launcher), str(ROOT / "scripts/sft.py"), *args], env=env,
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
