@@ -31,7 +31,6 @@ from typing import Any
 from motif_jax import cli
 from motif_jax.config import parse_cli
 from motif_jax.rl.config import RLConfig
-from motif_jax.rl.loop import RLTrainer
 
 VARIANTS = {"band+reuse": (True, True), "band": (True, False), "reuse": (False, True), "plain": (False, False)}
 
@@ -165,6 +164,8 @@ def main() -> int:
     eval_every = own.eval_every_ablation or base.eval.every or 5
     run_dir = Path(base.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    from motif_jax.rl.loop import RLTrainer  # JAX loads after the flags parse: --help and flag errors are instant
 
     results: dict[str, dict[str, Any]] = {}
     t0 = time.time()

@@ -23,7 +23,8 @@ import tyro
 from motif_jax import cli
 from motif_jax.config import MESH_AXES, MeshConfig
 from motif_jax.data.tokenizer import HFTokenizer
-from motif_jax.convert import ReadStats, export_pretrained, import_hf, save_params
+
+# The converters (JAX, Orbax) are imported where they run: --help and a bad flag answer before they load.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ def make_mesh(flags: MeshFlags):
 
 
 def run_import(args: Import) -> None:
+    from motif_jax.convert import ReadStats, import_hf, save_params
+
     start = time.time()
     mesh = make_mesh(args.mesh)
     stats = ReadStats()
@@ -106,6 +109,8 @@ def run_import(args: Import) -> None:
 
 
 def run_export(args: Export) -> None:
+    from motif_jax.convert import export_pretrained
+
     start = time.time()
     token_ids = None
     if (args.init_dir / "tokenizer.json").is_file():  # the tokenizer the policy was trained with

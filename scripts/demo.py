@@ -25,8 +25,7 @@ from pathlib import Path
 from motif_jax import cli
 from motif_jax.config import load_yaml, parse_cli, require
 from motif_jax.rl.config import RLConfig
-from motif_jax.rl.loop import train
-from motif_jax.train.sft import SFTConfig, run_sft
+from motif_jax.train.config import SFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +68,9 @@ def rl_config(cfg: DemoConfig, policy_dir: str) -> RLConfig:
 
 def main() -> int:
     cfg = parse_cli(DemoConfig, description=__doc__)
+    from motif_jax.rl.loop import train  # JAX loads after the flags parse: --help and flag errors are instant
+    from motif_jax.train.sft import run_sft
+
     t0 = time.time()
     sft = run_sft(sft_config(cfg))
     if sft.get("status") not in ("finished", "target_accuracy"):

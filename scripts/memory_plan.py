@@ -67,10 +67,9 @@ import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Literal  # noqa: E402
+from typing import Any, Literal, get_args  # noqa: E402
 
-from motif_jax.config import ConfigError, MeshConfig, ModelConfig, load_yaml, require  # noqa: E402
-from motif_jax.model.remat import REMAT_POLICIES  # noqa: E402
+from motif_jax.config import ConfigError, MeshConfig, ModelConfig, RematPolicy, load_yaml, require  # noqa: E402
 
 AttentionChoice = Literal["", "xla", "blockwise", "cudnn", "splash", "auto"]
 LossImplChoice = Literal["auto", "xla", "pallas", "triton"]
@@ -131,8 +130,8 @@ class PlanArgs:
                 f"{self.device_memory_gb}")
         require(self.layers >= 0, "layers", f"must be >= 0, got {self.layers}")
         require(self.num_slices >= 1, "num-slices", f"must be >= 1, got {self.num_slices}")
-        require(not self.remat or self.remat in REMAT_POLICIES, "remat",
-                f"unknown policy {self.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+        require(not self.remat or self.remat in get_args(RematPolicy), "remat",
+                f"unknown policy {self.remat!r}; choose one of {', '.join(get_args(RematPolicy))}")
         require(not (self.topology and self.lower_for), "lower-for",
                 "--lower-for cuda and --topology plan different platforms; give one of them")
         require(self.num_slices == 1 or bool(self.topology), "num-slices", "needs --topology")

@@ -23,17 +23,9 @@ import numpy as np
 
 from motif_jax import cli
 from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
-from motif_jax.data.prompts import load_prompt_records
-from motif_jax.data.template import stop_token_ids
-from motif_jax.data.tokenizer import load_tokenizer
-from motif_jax.model.generate import SamplingConfig
-from motif_jax.model.transformer import abstract_model
 from motif_jax.rl.config import SandboxConfig
-from motif_jax.rl.engines.jax_engine import JaxEngine
-from motif_jax.rl.rollout import measure_pass_rates, prompt_tokens
-from motif_jax.rl.verifiers import default_verifiers
-from motif_jax.train.checkpoint import load_policy_params
-from motif_jax.train.state import resolve_model
+
+# JAX and the engine are imported in prefilter(): --help and a bad flag answer before they load.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +74,17 @@ class PrefilterConfig:
 
 
 def prefilter(cfg: PrefilterConfig) -> dict:
+    from motif_jax.data.prompts import load_prompt_records
+    from motif_jax.data.template import stop_token_ids
+    from motif_jax.data.tokenizer import load_tokenizer
+    from motif_jax.model.generate import SamplingConfig
+    from motif_jax.model.transformer import abstract_model
+    from motif_jax.rl.engines.jax_engine import JaxEngine
+    from motif_jax.rl.rollout import measure_pass_rates, prompt_tokens
+    from motif_jax.rl.verifiers import default_verifiers
+    from motif_jax.train.checkpoint import load_policy_params
+    from motif_jax.train.state import resolve_model
+
     t0 = time.time()
     model_cfg, policy_dir, tok_spec = resolve_model(cfg.model, cfg.policy)
     params = load_policy_params(policy_dir, model_cfg)

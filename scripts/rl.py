@@ -11,13 +11,14 @@ import sys
 
 from motif_jax import cli
 from motif_jax.config import parse_cli
-from motif_jax.parallel import distributed
 from motif_jax.rl.config import RLConfig
-from motif_jax.rl.loop import train
 
 
 def main() -> int:
     cfg = parse_cli(RLConfig, description=__doc__)
+    from motif_jax.parallel import distributed  # JAX loads after the flags parse: --help and flag errors are instant
+    from motif_jax.rl.loop import train
+
     distributed.initialize(cfg.distributed)
     summary = train(cfg)
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")

@@ -33,24 +33,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from flax import nnx
-
 from motif_jax import cli
 from motif_jax.config import ConfigError, ModelConfig, parse_cli, require
 from motif_jax.data.config import SourceConfig
-from motif_jax.data.pipeline import open_source
 from motif_jax.data.records import SkipReport, TraceFormatError, iter_valid, write_jsonl
-from motif_jax.data.scoring import (
-    render_records,
-    score_records,
-    select_traces,
-    style_aucs,
-    summarize,
-)
-from motif_jax.data.tokenizer import load_tokenizer
-from motif_jax.model.transformer import abstract_model
-from motif_jax.train.checkpoint import CheckpointNotFoundError, load_policy_params
-from motif_jax.train.state import resolve_model
+
+# The model, the checkpoint and the data pipeline (JAX, Orbax, Grain) are imported where they are used: --help and a
+# bad flag answer before they load.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +113,8 @@ class ScoreConfig:
 
 def load_traces(cfg: ScoreConfig) -> tuple[list[tuple[str, dict]], dict[str, SkipReport]]:
     """(input spec, validated record) for every source, and the skip report of each."""
+    from motif_jax.data.pipeline import open_source
+
     items, reports = [], {}
     for spec in cfg.traces:
         try:
@@ -140,6 +131,14 @@ def load_traces(cfg: ScoreConfig) -> tuple[list[tuple[str, dict]], dict[str, Ski
 
 
 def score_traces(cfg: ScoreConfig) -> dict:
+    from flax import nnx
+
+    from motif_jax.data.scoring import render_records, score_records, select_traces, style_aucs, summarize
+    from motif_jax.data.tokenizer import load_tokenizer
+    from motif_jax.model.transformer import abstract_model
+    from motif_jax.train.checkpoint import load_policy_params
+    from motif_jax.train.state import resolve_model
+
     t0 = time.time()
     model_cfg, policy_dir, tok_spec = resolve_model(cfg.model, cfg.policy)
     params = load_policy_params(policy_dir, model_cfg)
@@ -233,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg = parse_cli(ScoreConfig, argv, description=__doc__)
+    from motif_jax.train.checkpoint import CheckpointNotFoundError
+
     try:
         summary = score_traces(cfg)
     except CheckpointNotFoundError as e:  # the shared messages name the trainers' flags; this script's differ

@@ -11,12 +11,14 @@ import sys
 
 from motif_jax import cli
 from motif_jax.config import parse_cli
-from motif_jax.parallel import distributed
-from motif_jax.train.sft import SFTConfig, run_sft
+from motif_jax.train.config import SFTConfig
 
 
 def main() -> int:
     cfg = parse_cli(SFTConfig, description=__doc__)
+    from motif_jax.parallel import distributed  # JAX loads after the flags parse: --help and flag errors are instant
+    from motif_jax.train.sft import run_sft
+
     distributed.initialize(cfg.distributed)
     summary = run_sft(cfg)
     ev = summary.get("final_eval") or {}

@@ -1,6 +1,6 @@
 """Configuration shared by every trainer: optimizer, the step engine, evaluation, checkpoints and the run itself.
 
-:class:`RunConfig` holds what SFT (``motif_jax.train.sft.SFTConfig``) and RL (``motif_jax.rl.config.RLConfig``)
+:class:`RunConfig` holds what SFT (:class:`SFTConfig`, below) and RL (``motif_jax.rl.config.RLConfig``)
 have in common, with one name and one unit each (``--train.num-microbatches``, ``--eval.every``, ``--log-every``,
 ``--max-minutes`` ...); both subclass it and add their own sections.
 """
@@ -12,6 +12,7 @@ import math
 from typing import ClassVar, Literal
 
 from motif_jax.config import DistributedConfig, MeshConfig, ModelConfig, check_choices, require
+from motif_jax.data.config import DataConfig
 
 OptimizerName = Literal["adamw", "muon"]
 DecayName = Literal["cosine", "linear", "constant"]
@@ -200,3 +201,34 @@ class RunConfig:
         known = ("exact", "steps", "math", "code", "format")
         bad = {t: v for t, v in self.task_verifiers.items() if v not in known}
         require(not bad, "task-verifiers", f"{bad}: choose verifiers from {known}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(RunConfig):
+    """One SFT run. ``data.stages`` is the curriculum: each stage has its sources and weights, sequence length,
+    batch size, number of steps and (optionally) its own peak learning rate."""
+
+    FLAG_PREFIX: ClassVar[str] = ""
+
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    run_dir: str = "runs/sft"
+    peak_flops_per_device: float = 0.0
+    """Peak dense bf16 FLOP/s of one device for the MFU estimate (0: known GPUs detected, else not reported)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, st in enumerate(self.data.resolved_stages()):
+            flag = f"data.stages[{i}].steps" if self.data.stages else "data.stages"
+            require(st.steps > 0, flag, "every SFT stage needs a positive number of steps (the run length)")
+            require(st.seq_len <= self.model.max_seq_len or bool(self.init_from), "model.max-seq-len",
+                    f"stage {st.name!r} packs {st.seq_len} tokens, more than max_seq_len={self.model.max_seq_len}")
+            require(self.optim.warmup_steps < st.steps, "optim.warmup-steps",
+                    f"{self.optim.warmup_steps} warm-up steps do not fit in stage {st.name!r} of {st.steps} steps "
+                    "(each stage warms up again); lower it or lengthen the stage")
+        require(self.data.batch_size % self.train.num_microbatches == 0, "train.num-microbatches",
+                f"must divide the batch size {self.data.batch_size}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(st.steps for st in self.data.resolved_stages())

@@ -11,7 +11,7 @@ uninterrupted one), the held-out loss, and throughput / MFU in the logs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,51 +20,20 @@ from flax import nnx
 
 from motif_jax.config import require
 from motif_jax.data.answers import answer_check
-from motif_jax.data.config import DataConfig, SourceConfig
+from motif_jax.data.config import SourceConfig
 from motif_jax.data.pipeline import make_data_iterator, to_global_array
 from motif_jax.data.prompts import load_prompt_records
 from motif_jax.data.tokenizer import load_tokenizer
 from motif_jax.model.lm_head import cross_entropy_sums
 from motif_jax.parallel import mesh as mesh_lib
 from motif_jax.parallel.context import load_balance_batch
-from motif_jax.train.config import EvalConfig, RunConfig
+from motif_jax.train.config import SFTConfig
 from motif_jax.train.loop import NonFiniteError, Trainer
 from motif_jax.train.optim import make_optimizer, make_schedule
 from motif_jax.train.state import resolve_model
 from motif_jax.train.step import BATCH_KEYS, CompiledStep, abstract_batch, batch_shardings, compile_train_step, lm_loss
 
 __all__ = ["NonFiniteError", "SFTConfig", "SFTTrainer", "curriculum_schedule", "flops_per_token", "run_sft"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig(RunConfig):
-    """One SFT run. ``data.stages`` is the curriculum: each stage has its sources and weights, sequence length,
-    batch size, number of steps and (optionally) its own peak learning rate."""
-
-    FLAG_PREFIX: ClassVar[str] = ""
-
-    data: DataConfig = DataConfig()
-    eval: EvalConfig = EvalConfig()
-    run_dir: str = "runs/sft"
-    peak_flops_per_device: float = 0.0
-    """Peak dense bf16 FLOP/s of one device for the MFU estimate (0: known GPUs detected, else not reported)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for i, st in enumerate(self.data.resolved_stages()):
-            flag = f"data.stages[{i}].steps" if self.data.stages else "data.stages"
-            require(st.steps > 0, flag, "every SFT stage needs a positive number of steps (the run length)")
-            require(st.seq_len <= self.model.max_seq_len or bool(self.init_from), "model.max-seq-len",
-                    f"stage {st.name!r} packs {st.seq_len} tokens, more than max_seq_len={self.model.max_seq_len}")
-            require(self.optim.warmup_steps < st.steps, "optim.warmup-steps",
-                    f"{self.optim.warmup_steps} warm-up steps do not fit in stage {st.name!r} of {st.steps} steps "
-                    "(each stage warms up again); lower it or lengthen the stage")
-        require(self.data.batch_size % self.train.num_microbatches == 0, "train.num-microbatches",
-                f"must divide the batch size {self.data.batch_size}")
-
-    @property
-    def total_steps(self) -> int:
-        return sum(st.steps for st in self.data.resolved_stages())
 
 
 def curriculum_schedule(cfg: SFTConfig) -> optax.Schedule:
