@@ -2,7 +2,7 @@
 
 Single-device tests are unaffected: arrays live on the default device unless a test builds a mesh. Multi-process
 tests start their own interpreters with their own flags. Everything compiles at XLA:CPU optimisation level 0 and
-shares one persistent compilation cache (both below).
+shares one persistent compilation cache, and the longest modules are dispatched first (all below).
 """
 
 import os
@@ -35,7 +35,52 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.update(_CACHE_ENV)
 
 
+# The modules that take longest on this 2-core machine (seconds per module in `make test`'s durations), longest first.
+# Under `--dist loadfile` a worker takes the next module when it is free; starting the long ones first lets the two
+# workers finish together instead of one running a long module alone at the end. Order only: no test depends on it.
+# test_rl_vllm.py (the longest) comes second so that the vLLM environment has built in the background meanwhile.
+LONGEST_FIRST = ("test_sft.py", "test_rl_vllm.py", "test_findings.py", "test_tpu_plan.py", "test_rl_loop.py",
+                 "test_walkthrough.py", "test_model.py", "test_rl_multihost.py", "test_parallel_memory.py",
+                 "test_data_scoring.py", "test_parallel_train.py", "test_attention_splash.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist would reorder modules by their number of tests
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0" and any("vllm_python" in i.fixturenames for i in items):
+        _build_vllm_venv_in_background()
+
+
+_VLLM_BUILD = None
+
+
+def _build_vllm_venv_in_background():
+    """Starts building .venv-vllm (about a minute from an empty cache, mostly downloads) when it is missing, so that
+    the vLLM tests find it ready. Their fixture calls the same builder, which waits on the build's lock, then finds
+    the environment ready (or, if this build failed, builds it itself and reports why)."""
+    global _VLLM_BUILD
+    from motif_jax.rl.engines import vllm_venv
+
+    if vllm_venv.is_ready(vllm_venv.default_venv()):
+        return
+    import subprocess
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w", prefix="motif_jax_vllm_venv_build_", suffix=".log", delete=False)
+    _VLLM_BUILD = log.name, subprocess.Popen([sys.executable, "-m", "motif_jax.rl.engines.vllm_venv"], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
 def pytest_unconfigure(config):
+    if _VLLM_BUILD is not None:  # no build outlives the run; its log is kept if it failed
+        log, proc = _VLLM_BUILD
+        if proc.wait() == 0:
+            os.remove(log)
     if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it (not an xdist worker)
         import shutil
 
