@@ -236,7 +236,8 @@ HACKS = {
                        + "def sq(x):\n    return A()", "tampered"),
     "int_subclass_eq": ("class A(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
                         + "def sq(x):\n    return A(0)", "tampered"),
-    "forged_replies_on_every_fd": (WRONG + "import os\nfor fd in range(3, 30):\n    try:\n        os.write(fd, "
+    # every fd: the pipes keep the verifier's fd numbers, which grow with what its process holds open
+    "forged_replies_on_every_fd": (WRONG + "import os\nfor fd in range(3, 1 << 16):\n    try:\n        os.write(fd, "
                                    "b'{\"spoil\": [\"pass\", \"\"]}\\n{\"op\": \"verdict\", \"verdict\": \"pass\"}\\n')"
                                    "\n    except OSError:\n        pass\nprint('{\"verdict\": \"pass\"}')",
                                    "tampered"),

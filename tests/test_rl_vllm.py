@@ -19,6 +19,7 @@ is a one-line error naming the extra; the weight push and the Hugging Face expor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -66,17 +67,29 @@ def _params(cfg, seed):
     return model, nnx.state(model, nnx.Param)
 
 
-def _greedy_margin(model, prompts, gen) -> float:
-    """The smallest gap between the two largest logits over every greedy step of ``gen`` (the JAX model's)."""
-    import jax.numpy as jnp
+@functools.cache
+def _top2_gap():
+    """A jitted model, tokens [rows, width] -> [rows, width]: the largest minus the second-largest logit."""
+    import jax
+    from flax import nnx
 
-    gaps = []
-    for i, p in enumerate(prompts):
-        seq = jnp.asarray([list(p) + gen.tokens[i, :gen.lengths[i]].tolist()], jnp.int32)
-        hidden, _ = model(seq)
-        top2 = jnp.sort(model.logits(hidden[0, len(p) - 1:-1]), axis=-1)[:, -2:]
-        gaps.append(float(jnp.min(top2[:, 1] - top2[:, 0])))
-    return min(gaps)
+    @nnx.jit
+    def top2_gap(model, seq):
+        top2 = jax.lax.top_k(model.logits(model(seq)[0]), 2)[0]
+        return top2[..., 0] - top2[..., 1]
+
+    return top2_gap
+
+
+def _greedy_margin(model, prompts, gen) -> float:
+    """The smallest gap between the two largest logits over every greedy step of ``gen`` (the JAX model's).
+
+    One pass over the prompts + completions, padded on the right to one width (one compilation per model): causal
+    attention keeps the padding out of every position that is read."""
+    rows = [list(p) + gen.tokens[i, :gen.lengths[i]].tolist() for i, p in enumerate(prompts)]
+    width = max(map(len, prompts)) + gen.tokens.shape[1]
+    gap = np.asarray(_top2_gap()(model, np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32)))
+    return min(float(gap[i, len(p) - 1:len(rows[i]) - 1].min()) for i, p in enumerate(prompts))
 
 
 def _recomputed_logprobs(cfg, params, prompts, gen, n, temperature):
