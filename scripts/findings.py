@@ -80,6 +80,7 @@ class Scale:
     eval_records: int
     eval_every: int  # RL rounds between evaluations
     rl_groups: int  # groups trained per round
+    rl_prompts: int = 20000  # the RL prompt pool (each run renders and tokenizes all of it)
     seq_len: int = 384  # teacher-style traces of 4-digit sums run to ~330 byte tokens
     batch: int = 10  # 3,840 tokens per step, as the tiny-arith recipe's 24 x 160
 
@@ -91,7 +92,7 @@ FULL = Scale(model={"base": "configs/model/tiny.yaml", "num_heads": 5, "num_kv_h
 SMOKE = Scale(model={"base": "configs/model/tiny.yaml", "num_layers": 1, "hidden_size": 32, "num_heads": 5,
                      "num_kv_heads": 2, "head_dim": 8, "mlp_dim": 64, "scan_layers": False, "max_seq_len": 512},
               sft_steps=4, sft_records=200, target_steps=2, start_accuracy=1.0, start_max_steps=4,
-              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, batch=8)
+              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, rl_prompts=500, batch=8)
 
 
 def spec(style: str, n: int, lo: int, hi: int, split: str, seed: int = 0) -> str:
@@ -126,7 +127,7 @@ def _rl(run_dir: Path, scale: Scale, seed: int, init_from: str, *, band: bool, r
         **{k: v for k, v in dataclasses.asdict(base).items() if k in ("objective", "difficulty", "optim")},
         "init_from": init_from, "run_dir": str(run_dir), "seed": seed, "rounds": 100_000,
         "max_rollouts": scale.rl_rollouts, "band_filter": band, "verifiers": ["steps"],
-        "prompts": spec("aligned", 20000, 1, 6, "train", seed),
+        "prompts": spec("aligned", scale.rl_prompts, 1, 6, "train", seed),
         "eval": {"heldout": spec("aligned", scale.eval_records, 1, 6, "test"), "num_records": scale.eval_records,
                  "every": scale.eval_every, "max_new_tokens": 80, "batch_size": scale.eval_records},
         "rollout": dataclasses.asdict(base.rollout) | {"max_new_tokens": 80, "max_prompt_len": 32,

@@ -38,8 +38,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The modules that take longest on this 2-core machine (seconds per module in `make test`'s durations), longest first.
 # Under `--dist loadfile` a worker takes the next module when it is free; starting the long ones first lets the two
 # workers finish together instead of one running a long module alone at the end. Order only: no test depends on it.
-# test_rl_vllm.py (the longest) comes second so that the vLLM environment has built in the background meanwhile.
-LONGEST_FIRST = ("test_sft.py", "test_rl_vllm.py", "test_findings.py", "test_tpu_plan.py", "test_rl_loop.py",
+# test_rl_vllm.py (the longest) comes right after test_findings.py (one test) on the same worker, so that the vLLM
+# environment builds in the background meanwhile instead of keeping that worker waiting.
+LONGEST_FIRST = ("test_sft.py", "test_findings.py", "test_rl_vllm.py", "test_tpu_plan.py", "test_rl_loop.py",
                  "test_walkthrough.py", "test_model.py", "test_rl_multihost.py", "test_parallel_memory.py",
                  "test_data_scoring.py", "test_parallel_train.py", "test_attention_splash.py")
 
