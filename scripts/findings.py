@@ -81,6 +81,7 @@ class Scale:
     eval_every: int  # RL rounds between evaluations
     rl_groups: int  # groups trained per round
     rl_prompts: int = 20000  # the RL prompt pool (each run renders and tokenizes all of it)
+    more_sft_steps: int = 100_000  # continued SFT's step cap; it ends at RL's wall time (smoke: at the cap first)
     seq_len: int = 384  # teacher-style traces of 4-digit sums run to ~330 byte tokens
     batch: int = 10  # 3,840 tokens per step, as the tiny-arith recipe's 24 x 160
 
@@ -92,7 +93,8 @@ FULL = Scale(model={"base": "configs/model/tiny.yaml", "num_heads": 5, "num_kv_h
 SMOKE = Scale(model={"base": "configs/model/tiny.yaml", "num_layers": 1, "hidden_size": 32, "num_heads": 5,
                      "num_kv_heads": 2, "head_dim": 8, "mlp_dim": 64, "scan_layers": False, "max_seq_len": 512},
               sft_steps=4, sft_records=200, target_steps=2, start_accuracy=1.0, start_max_steps=4,
-              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, rl_prompts=500, batch=8)
+              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, rl_prompts=500, more_sft_steps=8,
+              batch=8)
 
 
 def spec(style: str, n: int, lo: int, hi: int, split: str, seed: int = 0) -> str:
@@ -231,7 +233,7 @@ def finding_rl(out: Path, scale: Scale, seed: int, which: tuple[str, ...]) -> di
     if "rl_vs_sft" in which:
         rl = runs["band+reuse"]
         sft = _sft(out / "more_sft", scale, seed, [spec("aligned", scale.sft_records, 1, 4, "train", seed + 7)],
-                   100_000, init_from=start, max_minutes=rl["wall_time_s"] / 60)
+                   scale.more_sft_steps, init_from=start, max_minutes=rl["wall_time_s"] / 60)
         result["rl_vs_sft"] = {"start@1-4": accuracy(start, easy, scale.eval_records),
                                "start@5-6": accuracy(start, hard, scale.eval_records),
                                "rl@1-4": accuracy(rl["final_policy"], easy, scale.eval_records),

@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -234,11 +235,19 @@ def compiled_impls(args: PlanArgs, platform: str) -> tuple[str, str]:
     if platform == "cpu":
         attention = "blockwise" if attention in ("cudnn", "splash", "auto") else attention
         loss = "xla" if loss in ("pallas", "triton") else loss
-    elif platform == "tpu":
-        require(attention != "cudnn", "attention-impl", "cudnn is a GPU kernel; for --topology use splash, auto "
-                "or blockwise")
+    elif platform == "tpu":  # (cudnn was refused by check_tpu_request)
         attention = "splash" if attention == "auto" else attention
     return attention, loss
+
+
+def check_tpu_request(args: PlanArgs) -> None:
+    """What --topology runs cannot be, checked before libtpu loads: a GPU kernel, or DCN sizes that are not the
+    number of slices."""
+    require(requested_impls(args)[0] != "cudnn", "attention-impl", "cudnn is a GPU kernel; for --topology use "
+            "splash, auto or blockwise")
+    slices = math.prod(args.mesh.dcn_shape().values())
+    require(slices == args.num_slices, "num-slices", f"{args.num_slices} slice(s) but the mesh's dcn_* sizes "
+            f"multiply to {slices} (set --mesh.dcn-data / --mesh.dcn-fsdp)")
 
 
 def model_cfg(args: PlanArgs, attention: str, num_layers: int | None = None) -> ModelConfig:
@@ -566,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.devices != _N and argv is None and not args.topology:
             raise ConfigError(f"--devices: {args.devices} but the process was started with {_N} devices")
         topology = tpu_topology(args.topology, args.num_slices) if args.topology else None
+        if topology:
+            check_tpu_request(args)
         if topology and not _libtpu_importable():
             if TPU_SITE.exists() and not os.environ.get("MOTIF_PLAN_WITH_LIBTPU"):
                 return _run_with_libtpu(raw)
@@ -580,13 +591,6 @@ def main(argv: list[str] | None = None) -> dict | None:
             given = any(a == "--devices" or a.startswith("--devices=") for a in raw)
             require(not given or args.devices == len(devices), "devices",
                     f"{args.topology} x {args.num_slices} slice(s) has {len(devices)} devices, not {args.devices}")
-            dcn = args.mesh.dcn_shape()
-            slices = 1
-            for v in dcn.values():
-                slices *= v
-            require(slices == args.num_slices, "num-slices",
-                    f"{args.num_slices} slice(s) but the mesh's dcn_* sizes multiply to {slices} "
-                    "(set --mesh.dcn-data / --mesh.dcn-fsdp)")
             compiled = compile_plan(args, devices, "tpu")
             out = report(args, compiled, None, "tpu", topology, len(devices))
         else:
