@@ -1,7 +1,7 @@
 """Trace-alignment scoring: after a short SFT on one trace style, the model's NLL separates that style from the
 teacher style on held-out problems; the filter keeps the aligned traces; scripts/score_traces.py runs end to end.
 
-One tiny model (2 layers) is trained once per module (50 steps, single device) and shared by the tests.
+One tiny model (2 layers) is trained once per module (30 steps, single device) and shared by the tests.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from motif_jax.train.step import BATCH_KEYS, lm_loss, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = "min_digits=3&max_digits=4"
-TRAIN_STEPS = 50
+TRAIN_STEPS = 30
 N_HELDOUT = 48
 
 

@@ -315,8 +315,10 @@ def _in_vllm(python: str, check: str, *args, timeout: int = 900) -> dict:
 
 
 def test_vllm_matches_the_jax_sampler_and_the_trainer(vllm_python):
-    report = _in_vllm(vllm_python, "check_parity", ["llama", "qwen3", "motif", "motif_yarn"])
-    assert set(report) == {"llama", "qwen3", "motif", "motif_yarn"}
+    # Motif-2 with YaRN (as Motif-2-12.7B) is the plugin's whole model; plain RoPE is vLLM's own, which llama and qwen3
+    # use. The plain-RoPE Motif-2 preset ("motif") is left to a run by hand (docs/rl.md): 10 s of make test.
+    report = _in_vllm(vllm_python, "check_parity", ["llama", "qwen3", "motif_yarn"])
+    assert set(report) == {"llama", "qwen3", "motif_yarn"}
     for name, info in report.items():
         assert info["greedy_logprob_diff"] < 1e-4 and info["behaviour_vs_trainer"] < 1e-4, (name, info)
         assert info["tokens"] > 0, (name, info)  # (both finish reasons are checked inside, on greedy rows)
