@@ -4,19 +4,19 @@ and one plot per finding) and, as its last line, the JSON of per-arm mean, std a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_sft import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def test_findings_smoke_runs_every_arm_and_writes_the_report(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(1)  # one CPU device, as a user's run on a CPU has (not the suite's 8)
     # --smoke defaults to one seed
     out = subprocess.run([sys.executable, str(ROOT / "scripts/findings.py"), "--smoke", "--out-dir",
                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

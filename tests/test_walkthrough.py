@@ -6,7 +6,6 @@ same greedy accuracy as the project's own evaluation of the same policy."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from test_chat_templates import make_model_dir
+from test_sft import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(1)  # one CPU device, as a user's run on a CPU has (not the suite's 8)
     out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (args, out.stdout[-3000:], out.stderr[-3000:])
     return out.stdout
