@@ -72,9 +72,11 @@ def _build_vllm_venv_in_background():
     import subprocess
     import tempfile
 
-    log = tempfile.NamedTemporaryFile("w", prefix="motif_jax_vllm_venv_build_", suffix=".log", delete=False)
-    _VLLM_BUILD = log.name, subprocess.Popen([sys.executable, "-m", "motif_jax.rl.engines.vllm_venv"], stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
+    with tempfile.NamedTemporaryFile("w", prefix="motif_jax_vllm_venv_build_", suffix=".log", delete=False) as log:
+        # the build writes through its own copy of the descriptor; this worker keeps none open
+        _VLLM_BUILD = log.name, subprocess.Popen([sys.executable, "-m", "motif_jax.rl.engines.vllm_venv"], stdout=log,
+                                                 stderr=subprocess.STDOUT,
+                                                 cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def pytest_unconfigure(config):
