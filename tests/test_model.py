@@ -26,14 +26,36 @@ def _tokens(b, t, vocab=64, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(1, vocab, (b, t)), jnp.int32)
 
 
+@nnx.jit
+def _hidden(model, *args):
+    """The decoder's hidden states as one jitted program (op by op, every new shape compiles each op again)."""
+    return model(*args)[0]
+
+
+@nnx.jit
+def _full_forward_logprobs(model, rows, temperature):
+    """rows [R, T] -> log softmax(logits / temperature) [R, T, V] of one full forward pass (no KV cache)."""
+    return jax.nn.log_softmax(model.logits(model(rows)[0]) / temperature, axis=-1)
+
+
+def _expected_logprobs(model, prompts, generated, temperature) -> np.ndarray:
+    """[rows, n]: the log-prob of each generated token under a full forward pass over its row's prompt and tokens.
+    One jitted pass over the rows padded on the right to one width (causal: the padding reaches no position read)."""
+    seqs = [list(p) + list(g) for p, g in zip(prompts, generated.tolist())]
+    width = max(map(len, seqs))
+    logp = np.asarray(_full_forward_logprobs(model, jnp.asarray([s + [0] * (width - len(s)) for s in seqs]),
+                                             temperature))
+    n = generated.shape[1]
+    return np.stack([logp[r, len(p) - 1 + np.arange(n), generated[r]] for r, p in enumerate(prompts)])
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_causal(name):
     model = create_model(CONFIGS[name], seed=1)
     tokens = _tokens(2, 24)
     t = 13
     changed = tokens.at[:, t].set((tokens[:, t] + 7) % 64)
-    h1, _ = model(tokens)
-    h2, _ = model(changed)
+    h1, h2 = _hidden(model, tokens), _hidden(model, changed)
     np.testing.assert_array_equal(np.asarray(h1[:, :t]), np.asarray(h2[:, :t]))
     assert np.abs(np.asarray(h1[:, t:] - h2[:, t:])).max() > 1e-4  # and the change is seen from t on
 
@@ -46,9 +68,7 @@ def test_packed_segments_are_isolated(name):
     packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
     seg = jnp.asarray([[1] * 9 + [2] * 6 + [0] * 3], jnp.int32)
     pos = jnp.asarray([list(range(9)) + list(range(6)) + [0] * 3], jnp.int32)
-    h, _ = model(packed, seg, pos)
-    ha, _ = model(a)
-    hb, _ = model(b)
+    h, ha, hb = _hidden(model, packed, seg, pos), _hidden(model, a), _hidden(model, b)
     np.testing.assert_allclose(h[:, :9], ha, atol=1e-5)
     np.testing.assert_allclose(h[:, 9:15], hb, atol=1e-5)
 
@@ -67,8 +87,9 @@ def test_blockwise_matches_xla_value_and_gradient(name):
         return jnp.sum(h * jnp.sin(jnp.arange(h.size).reshape(h.shape)))
 
     params = nnx.state(create_model(cfg, seed=5))
-    v1, g1 = jax.value_and_grad(loss)(params, "xla")
-    v2, g2 = jax.value_and_grad(loss)(params, "blockwise")
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)  # one program each, not op by op
+    v1, g1 = value_and_grad(params, "xla")
+    v2, g2 = value_and_grad(params, "blockwise")
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     flat1, flat2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in (g1, g2))
     assert np.linalg.norm(flat1 - flat2) <= 1e-5 * np.linalg.norm(flat1)
@@ -87,12 +108,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
     out = generate(model, prompts, jax.random.key(0),
                    SamplingConfig(max_new_tokens=n, temperature=0.8, stop_tokens=(), prompt_bucket=8))
     assert out.tokens.shape == (2, n) and (out.lengths == n).all()
-    for i, p in enumerate(prompts):
-        seq = p + out.tokens[i].tolist()
-        h, _ = model(jnp.asarray([seq]))
-        logp = jax.nn.log_softmax(model.logits(h[0]) / 0.8, axis=-1)
-        expected = [float(logp[len(p) - 1 + j, seq[len(p) + j]]) for j in range(n)]
-        np.testing.assert_allclose(out.logprobs[i], expected, atol=1e-5)
+    np.testing.assert_allclose(out.logprobs, _expected_logprobs(model, prompts, out.tokens, 0.8), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -107,13 +123,8 @@ def test_samples_sharing_a_prefill_are_exact_and_compile_once(name):
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, stop_tokens=(), prompt_bucket=8)
     out = generate(model, prompts, jax.random.key(1), cfg, num_samples=3)
     assert out.tokens.shape == (6, 6) and len({tuple(r) for r in out.tokens.tolist()}) > 2  # samples differ
-    for row in range(6):
-        p = prompts[row // 3]
-        seq = p + out.tokens[row].tolist()
-        h, _ = model(jnp.asarray([seq]))
-        logp = jax.nn.log_softmax(model.logits(h[0]) / 0.8, axis=-1)
-        expected = [float(logp[len(p) - 1 + j, seq[len(p) + j]]) for j in range(6)]
-        np.testing.assert_allclose(out.logprobs[row], expected, atol=1e-5)
+    row_prompts = [prompts[row // 3] for row in range(6)]
+    np.testing.assert_allclose(out.logprobs, _expected_logprobs(model, row_prompts, out.tokens, 0.8), atol=1e-5)
     greedy = SamplingConfig(max_new_tokens=6, greedy=True, stop_tokens=(), prompt_bucket=8)
     alone = generate(model, prompts, jax.random.key(0), greedy)
     shared = generate(model, prompts, jax.random.key(0), greedy, num_samples=2)
@@ -158,7 +169,7 @@ def test_differential_attention_against_direct_formula():
     seg = jnp.ones((1, t), jnp.int32)
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     layer = 3
-    out, _ = attn(jnp.asarray(x), seg, pos, jnp.int32(layer))
+    out, _ = nnx.jit(lambda a, *args: a(*args))(attn, jnp.asarray(x), seg, pos, jnp.int32(layer))
 
     def rope_np(v):  # [T, D] rotate-half
         inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2) / hd))

