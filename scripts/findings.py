@@ -92,8 +92,8 @@ FULL = Scale(model={"base": "configs/model/tiny.yaml", "num_heads": 5, "num_kv_h
              rl_rollouts=10240, eval_records=200, eval_every=5, rl_groups=64)
 SMOKE = Scale(model={"base": "configs/model/tiny.yaml", "num_layers": 1, "hidden_size": 32, "num_heads": 5,
                      "num_kv_heads": 2, "head_dim": 8, "mlp_dim": 64, "scan_layers": False, "max_seq_len": 512},
-              sft_steps=4, sft_records=200, target_steps=2, start_accuracy=1.0, start_max_steps=4,
-              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, rl_prompts=500, more_sft_steps=8,
+              sft_steps=4, sft_records=200, target_steps=4, start_accuracy=1.0, start_max_steps=4,
+              rl_rollouts=128, eval_records=8, eval_every=1, rl_groups=8, rl_prompts=500, more_sft_steps=4,
               batch=8)
 
 
