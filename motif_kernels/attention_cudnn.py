@@ -17,7 +17,7 @@ exact blockwise kernel otherwise, so no layout is ever computed wrongly. Three c
   (generation only, where T is a prompt bucket or 1).
 
 The custom calls are bound directly (JAX's private ``fused_attention_stablehlo`` primitives, pinned by
-``jax<0.13``), not through ``jax.nn.dot_product_attention``: the public path checks cuDNN's version and the
+``jax<0.12.1``), not through ``jax.nn.dot_product_attention``: the public path checks cuDNN's version and the
 device's compute capability on the *host*, so it cannot be lowered for an H100 from a CPU machine. The checks
 that matter are done here against the lowering target (``motif_kernels.target``). Memory: operands and results are
 O(T) per head (the softmax statistics are [B * runs, heads, T] f32); nothing is O(T^2).
